@@ -2,3 +2,24 @@
 from vitslim import _compat  # noqa: F401  (must run before timm is imported anywhere)
 
 __version__ = "0.1.0"
+
+from vitslim.errors import VitslimError
+from vitslim.methods import methods
+from vitslim.patch import describe, is_patched, patch, unpatch
+from vitslim.tokens import TokenState, unmerge, unmerge_grid
+
+__all__ = ["VitslimError", "TokenState", "methods", "patch", "unpatch", "describe", "is_patched",
+           "unmerge", "unmerge_grid", "count_macs"]
+
+
+def __getattr__(name: str):
+    # measurement pulls in more of torch; load it on first use
+    if name == "count_macs":
+        from vitslim.measure.macs import count_macs
+
+        return count_macs
+    if name == "measure":
+        import vitslim.measure as measure
+
+        return measure
+    raise AttributeError(f"module 'vitslim' has no attribute {name!r}")

@@ -1,0 +1,88 @@
+"""MACs (multiply-accumulates; the literature's "GFLOPs") of what a model really runs.
+
+Counted with torch's FlopCounterMode (which reports 2 x MACs) plus two formulas it lacks:
+- the CPU fused-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``), which it
+  would count as zero, so attention is counted even when timm uses SDPA;
+- scatter-add / index-add (token merges): one MAC per element added.
+Matmuls of the reducers (ToMe matching, CLS-attention rows, fusion) are counted like any other.
+Gathers only move data and count zero. LayerNorm, GELU, softmax and adds are not counted, as is
+conventional (DeiT-S = 4.60 G).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _scatter_flops(self_shape, dim, index_shape, src_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return 2 * math.prod(src_shape)
+
+
+def _index_add_flops(self_shape, dim, index_shape, src_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return 2 * math.prod(src_shape)
+
+
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten.scatter_add: _scatter_flops,
+    torch.ops.aten.scatter_add_: _scatter_flops,
+    torch.ops.aten.index_add: _index_add_flops,
+    torch.ops.aten.index_add_: _index_add_flops,
+}
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) input the model was built for."""
+    pe = model.patch_embed
+    return (pe.proj.in_channels, *pe.img_size)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None, *,
+               batch_size: int = 1, by_op: bool = False) -> int | dict[str, int]:
+    """MACs per image of one forward pass (eval mode); ``by_op`` gives the split by operator."""
+    input_size = tuple(input_size or default_input_size(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+            model(torch.zeros(batch_size, *input_size))
+    finally:
+        model.train(was_training)
+    if by_op:
+        counts = counter.get_flop_counts()["Global"]
+        return {str(op).split(".")[-1]: int(v) // (2 * batch_size) for op, v in counts.items()}
+    return counter.get_total_flops() // (2 * batch_size)
+
+
+def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None) -> int:
+    """Per-image MACs from the per-block formula, for tokens (into attention, into MLP) per block.
+
+    Block: qkv Na*C*3A + attention 2*Na^2*A + proj Na*A*C + MLP 2*Nm*C*hidden
+    (A = attention width); plus the patch embedding and the classifier. Reducer work is not
+    included: this is the cost of the dense blocks on those token counts.
+    """
+    pe = model.patch_embed
+    dim = model.embed_dim
+    n = model.num_prefix_tokens + pe.num_patches
+    tokens = tokens or [(n, n)] * len(model.blocks)
+    total = pe.num_patches * pe.proj.in_channels * math.prod(pe.patch_size) * dim
+    for blk, (n_attn, n_mlp) in zip(model.blocks, tokens):
+        width = blk.attn.attn_dim
+        hidden = blk.mlp.fc1.out_features
+        total += n_attn * dim * 3 * width + 2 * n_attn * n_attn * width + n_attn * width * dim
+        total += 2 * n_mlp * dim * hidden
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        total += head.in_features * head.out_features
+    head_dist = getattr(model, "head_dist", None)
+    if isinstance(head_dist, nn.Linear):
+        total += head_dist.in_features * head_dist.out_features
+    return total

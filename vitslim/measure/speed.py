@@ -1,0 +1,111 @@
+"""Throughput and latency, measured the same way everywhere.
+
+Protocol: eval mode, ``torch.inference_mode()``, a fixed thread count, warm-up passes, then the
+median (and p90) of at least 5 timed passes. ``compare_speed`` times several models round-robin
+in one run (dense first), so drift on the machine hits them all alike and speed-ups are ratios
+measured in the same run. ``ideal_model`` is the bar a token schedule is judged by: the dense
+blocks run on the same token counts with no reduction work.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from vitslim.measure.macs import default_input_size
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[int]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _autocast(precision: str):
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    dtype = _DTYPES[precision]
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {"images_per_s": batch_size / median, "median_ms": 1e3 * median, "p90_ms": 1e3 * p90,
+            "runs": len(times), "batch_size": batch_size}
+
+
+def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
+                  input_size: tuple[int, int, int] | None = None, runs: int = 7, warmup: int = 2,
+                  threads: int | None = 2, precision: str = "fp32") -> dict[str, dict[str, Any]]:
+    """Time several models round-robin on the same input; each gets images/s, median and p90."""
+    if runs < 5:
+        raise ValueError(f"runs must be >= 5 for a trustworthy median, got {runs}")
+    first = next(iter(models.values()))
+    x = torch.randn(batch_size, *(input_size or default_input_size(first)))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    modes = {name: m.training for name, m in models.items()}
+    with _threads(threads) as used, torch.inference_mode(), _autocast(precision):
+        try:
+            for m in models.values():
+                m.eval()
+                for _ in range(warmup):
+                    m(x)
+            for _ in range(runs):
+                for name, m in models.items():
+                    start = time.perf_counter()
+                    m(x)
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            for name, m in models.items():
+                m.train(modes[name])
+    info = {"threads": used, "precision": precision, "torch": torch.__version__}
+    return {name: {**_summary(t, batch_size), **info} for name, t in times.items()}
+
+
+def throughput(model: nn.Module, batch_size: int = 32, **kwargs: Any) -> dict[str, Any]:
+    """Median images/s at ``batch_size`` (see ``compare_speed`` for the options)."""
+    return compare_speed({"model": model}, batch_size, **kwargs)["model"]
+
+
+def latency(model: nn.Module, *, runs: int = 30, warmup: int = 5, **kwargs: Any) -> dict[str, Any]:
+    """Batch-1 latency: median and p90 in milliseconds."""
+    return compare_speed({"model": model}, 1, runs=runs, warmup=warmup, **kwargs)["model"]
+
+
+class IdealSchedule(nn.Module):
+    """The dense blocks of ``model`` run on its schedule's token counts, with no reduction work."""
+
+    def __init__(self, model: nn.Module, tokens: list[tuple[int, int]]):
+        super().__init__()
+        self.model, self.tokens = model, tokens
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of a dense pass that simply truncates to each block's token counts."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for blk, (n_attn, n_mlp) in zip(m.blocks, self.tokens):
+            x = x[:, :n_attn]
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            x = x[:, :n_mlp]
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return m.forward_head(m.norm(x))
+
+
+def ideal_model(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> nn.Module:
+    """The ideal for a patched model's token schedule (shares its weights)."""
+    from vitslim.patch import describe
+
+    return IdealSchedule(model, describe(model, input_size)["tokens"])

@@ -1,0 +1,148 @@
+"""Method registry and the reducer interface every method implements.
+
+A method turns options into one ``Reducer`` per block it acts on. A reducer may act at three
+points of a block (see ``vitslim.patch``): ``before_block(state)``, ``after_attn(state, attn)`` and
+``after_block(state)``. Methods with a budget knob also describe it as an integer ``level`` so
+``patch(..., macs=f)`` can search any of them the same way.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+from torch import nn
+
+from vitslim.errors import VitslimError
+from vitslim.tokens import TokenState
+
+_REGISTRY: dict[str, type["Method"]] = {}
+_BUILTIN = ("tome", "evit", "topk")
+
+
+class AttnInfo:
+    """What a block's attention exposes to reducers, computed lazily on first use."""
+
+    def __init__(self, q, k, scale: float, bias, num_prefix: int):
+        self._q, self._k, self._scale, self._bias, self._p = q, k, scale, bias, num_prefix
+        self._keys = self._cls = None
+
+    @property
+    def keys(self):
+        """Keys averaged over heads, (B, N, head_dim): ToMe's similarity metric."""
+        if self._keys is None:
+            self._keys = self._k.transpose(1, 2).mean(2)  # (B, N, H, d): the qkv layout, faster
+        return self._keys
+
+    @property
+    def cls_attn(self):
+        """Attention of the CLS query to every token, averaged over heads, (B, N).
+
+        Only the CLS row is computed (one query against N keys), so the block keeps its fused
+        attention kernel; the row equals the full softmax's first row exactly.
+        """
+        if self._cls is None:
+            logits = (self._q[:, :, :1] * self._scale) @ self._k.transpose(-2, -1)
+            if self._bias is not None:
+                logits = logits + self._bias
+            self._cls = logits.softmax(dim=-1).mean(1)[:, 0]
+        return self._cls
+
+
+class Reducer(nn.Module):
+    """Acts on the token state at fixed points of one block; the default does nothing."""
+
+    def before_block(self, state: TokenState) -> TokenState:
+        """Called with the block's input tokens."""
+        return state
+
+    def after_attn(self, state: TokenState, attn: AttnInfo) -> TokenState:
+        """Called after the attention residual, before the MLP."""
+        return state
+
+    def after_block(self, state: TokenState) -> TokenState:
+        """Called with the block's output tokens."""
+        return state
+
+
+class Method:
+    """A compression method: validated options in, per-block reducers out."""
+
+    name: ClassVar[str]
+    prop_attn_default: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, **options: Any):
+        self.model = model
+        self.options = self.resolve(model, **options)
+
+    def resolve(self, model: nn.Module, **options: Any) -> dict[str, Any]:
+        """Validate the options and fill in defaults; raise VitslimError on bad values."""
+        raise NotImplementedError
+
+    def reducers(self) -> dict[int, Reducer]:
+        """One reducer per block index the method acts on."""
+        raise NotImplementedError
+
+    # Budget search: level 0 = no reduction, higher levels reduce more (monotone in MACs).
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        """Highest budget level this method offers for the model."""
+        raise NotImplementedError
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        """Native options (e.g. ToMe's r list) that realise a budget level."""
+        raise NotImplementedError
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to ``vitslim.patch`` by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for name in _BUILTIN:
+        importlib.import_module(f"vitslim.methods.{name}")
+
+
+def methods() -> list[str]:
+    """Names of the registered methods."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered under ``name``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise VitslimError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def check_rate(name: str, value: Any) -> float:
+    """A keep rate in (0, 1]; 0 or less would remove every token."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise VitslimError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise VitslimError(
+            f"{name}={value} is out of range: use a value in (0, 1] (0 would remove every token)"
+        )
+    return value
+
+
+def default_locations(depth: int) -> list[int]:
+    """Reduction blocks at a quarter, half and three quarters of the depth (DeiT: 3, 6, 9)."""
+    return sorted({max(1, depth // 4), depth // 2, (3 * depth) // 4})
+
+
+def check_locations(locations: Any, depth: int) -> list[int]:
+    """Validate block indices (0-based) for a model of ``depth`` blocks."""
+    try:
+        locs = sorted({int(i) for i in locations})
+    except (TypeError, ValueError):
+        raise VitslimError(f"locations must be block indices, got {locations!r}") from None
+    if not locs or locs[0] < 0 or locs[-1] >= depth:
+        raise VitslimError(f"locations {locations!r} out of range: blocks are 0..{depth - 1}")
+    return locs

@@ -1,0 +1,85 @@
+"""EViT (Liang et al., ICLR 2022): keep the tokens the CLS token attends to, fuse the rest.
+
+At the chosen blocks (DeiT: 3, 6, 9), after the attention residual, keep the
+ceil(keep_rate * n) patch-side tokens with the highest head-averaged CLS attention and fuse the
+others into one extra token weighted by their attention (not renormalised, as in EViT). Every
+prefix token is kept. ``keep_order=True`` (default, ours) keeps the kept tokens in raster order;
+``False`` orders them by attention rank as the official code does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from vitslim.errors import VitslimError
+from vitslim.methods import (AttnInfo, Method, Reducer, check_locations, check_rate,
+                             default_locations, register)
+from vitslim.tokens import TokenState, keep_tokens
+
+_RATE_STEP = 0.005  # budget levels: keep_rate 1.0, 0.995, ... (fine enough to land within 2%)
+
+
+class AttentiveKeep(Reducer):
+    """Keep the most CLS-attended patch tokens; fuse (EViT) or prune (top-k) the others."""
+
+    def __init__(self, keep_rate: float, fuse: bool, keep_order: bool):
+        super().__init__()
+        self.keep_rate, self.fuse, self.keep_order = keep_rate, fuse, keep_order
+
+    def after_attn(self, state: TokenState, attn: AttnInfo) -> TokenState:
+        """Select by CLS attention after the attention residual."""
+        p = state.num_prefix
+        n = state.x.shape[1] - p
+        k = math.ceil(self.keep_rate * n)
+        if k >= n:
+            return state
+        scores = attn.cls_attn[:, p:]
+        idx = scores.topk(k, dim=1, sorted=not self.keep_order).indices
+        if self.keep_order:
+            idx = idx.sort(dim=1).values
+        return keep_tokens(state, idx, scores if self.fuse else None)
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, fuse={self.fuse}, keep_order={self.keep_order}"
+
+
+@register
+class EViT(Method):
+    """Attentive-token keeping at a few blocks; knob ``keep_rate`` (one value or one per location)."""
+
+    name = "evit"
+    fuse = True
+
+    def resolve(self, model: nn.Module, keep_rate: Any = 1.0, locations: Any = None,
+                keep_order: bool = True, **extra: Any) -> dict[str, Any]:
+        if extra:
+            raise VitslimError(
+                f"unknown {self.name} options {sorted(extra)}; {self.name} takes keep_rate, "
+                "locations, keep_order (and macs=, prop_attn=)"
+            )
+        depth = len(model.blocks)
+        locs = default_locations(depth) if locations is None else check_locations(locations, depth)
+        rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locs)
+        if len(rates) != len(locs):
+            raise VitslimError(f"{len(rates)} keep rates for {len(locs)} locations {locs}")
+        rates = [check_rate("keep_rate", r) for r in rates]
+        return {"keep_rate": rates if len(set(rates)) > 1 else rates[0], "locations": locs,
+                "keep_order": bool(keep_order)}
+
+    def reducers(self) -> dict[int, Reducer]:
+        locs, rates = self.options["locations"], self.options["keep_rate"]
+        rates = rates if isinstance(rates, list) else [rates] * len(locs)
+        return {i: AttentiveKeep(r, self.fuse, self.options["keep_order"])
+                for i, r in zip(locs, rates) if r < 1.0}
+
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        return round(1.0 / _RATE_STEP) - 1
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        if "keep_rate" in options:
+            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
+        return {"keep_rate": round(1.0 - level * _RATE_STEP, 6), **options}

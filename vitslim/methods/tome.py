@@ -1,0 +1,91 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023), on modern timm.
+
+In every block, between the attention residual and the MLP, the r most similar pairs of patch
+tokens (bipartite soft matching on the head-averaged attention keys) are merged by size-weighted
+averaging; later blocks add log(size) to the attention logits (proportional attention, passed to
+the fused kernel as an additive mask). Unlike the official patch, every prefix token (CLS,
+distillation, registers) is kept out of matching, LayerScale and q/k norm are kept, and
+average pooling is size-weighted.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+
+from vitslim.errors import VitslimError
+from vitslim.methods import AttnInfo, Method, Reducer, register
+from vitslim.tokens import TokenState, bipartite_matching, merge_matched
+
+
+def parse_r(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
+    """Per-block r from an int, a per-block list, or ToMe's (r, inflection) linear schedule."""
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        if not -1.0 <= inflect <= 1.0:
+            raise VitslimError(f"ToMe inflection {inflect} is out of range: use a value in [-1, 1]")
+        first = int(base * (1 - inflect))
+        last = 2 * base - first
+        step = (last - first) / max(depth - 1, 1)
+        r = [int(first + step * i) for i in range(depth)]
+    if isinstance(r, (list, tuple)):
+        values = list(r)
+        if len(values) > depth:
+            raise VitslimError(f"ToMe r schedule has {len(values)} entries for a {depth}-block model")
+        values += [0] * (depth - len(values))
+    else:
+        values = [r] * depth
+    try:
+        values = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise VitslimError(f"ToMe r must be an int, a per-block list or (r, inflection), got {r!r}") from None
+    if any(v < 0 for v in values):
+        raise VitslimError(f"ToMe r must be >= 0 in every block, got {values}")
+    return values
+
+
+class ToMeMerge(Reducer):
+    """Merge r token pairs after the attention residual."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def after_attn(self, state: TokenState, attn: AttnInfo) -> TokenState:
+        """Bipartite soft matching on this block's keys, then a size-weighted merge."""
+        n = state.x.shape[1] - state.num_prefix
+        r = min(self.r, n // 2)
+        if r <= 0:
+            return state
+        return merge_matched(state, bipartite_matching(attn.keys[:, state.num_prefix:], r))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+
+@register
+class ToMe(Method):
+    """Token merging in every block; knob ``r`` (int, per-block list, or (r, inflection))."""
+
+    name = "tome"
+    prop_attn_default = True
+
+    def resolve(self, model: nn.Module, r: Any = 0, **extra: Any) -> dict[str, Any]:
+        if extra:
+            raise VitslimError(f"unknown tome options {sorted(extra)}; tome takes r (and macs=, prop_attn=)")
+        return {"r": parse_r(r, len(model.blocks))}
+
+    def reducers(self) -> dict[int, Reducer]:
+        return {i: ToMeMerge(r) for i, r in enumerate(self.options["r"]) if r > 0}
+
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        return len(model.blocks) * (model.patch_embed.num_patches // 2)
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        # level = total merges asked for; spread evenly, the remainder going to the earliest blocks
+        if "r" in options:
+            raise VitslimError("give tome either r or macs=, not both")
+        depth = len(model.blocks)
+        return {"r": [level // depth + (1 if i < level % depth else 0) for i in range(depth)], **options}

@@ -1,0 +1,193 @@
+"""TokenState and the pure token operations every method shares.
+
+Conventions (all methods rely on them):
+- ``x`` is (B, N, C); the first ``num_prefix`` tokens (CLS, distillation, registers) are never
+  merged or pruned and stay in front, in their original order.
+- ``size`` is (B, N): how many input patches each token stands for (prefix tokens count 1).
+  ``None`` means "all ones" (nothing reduced yet), which keeps the dense path free of extra work.
+- ``source`` is (B, n0) over the n0 original patches: the index of the current token that each
+  patch now lives in, or -1 where the patch was pruned. ``None`` when not traced (tracing costs a
+  gather per reduction, so it is off unless a caller asks for it, e.g. for ``unmerge``).
+- ``grid`` is the (H, W) shape of the patch tokens while they still form a rectangle in raster
+  order, ``None`` once a reduction scrambles them; ``grid0`` is the original patch grid.
+Merges are scatter-sum then divide (never scatter-mean), so they export to ONNX.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """What travels through the patched blocks: tokens plus the bookkeeping to map them back."""
+
+    x: Tensor
+    num_prefix: int
+    grid0: tuple[int, int]
+    grid: tuple[int, int] | None = None
+    size: Tensor | None = None
+    source: Tensor | None = None
+    prop_attn: bool = False
+    keep: list[Tensor] = field(default_factory=list)  # training-time keep masks, per reduction
+    aux: list[Any] = field(default_factory=list)  # extra losses methods add while training
+    trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
+
+    @property
+    def num_patches0(self) -> int:
+        """Number of patches in the original grid."""
+        return self.grid0[0] * self.grid0[1]
+
+    def sizes(self) -> Tensor:
+        """Token sizes as a (B, N) tensor, materialising the implicit all-ones."""
+        if self.size is None:
+            return self.x.new_ones(self.x.shape[:2])
+        return self.size
+
+    def attn_bias(self) -> Tensor | None:
+        """Proportional-attention bias log(size) as an additive SDPA mask (B, 1, 1, N), or None."""
+        if not self.prop_attn or self.size is None:
+            return None
+        return self.size.log().to(self.x.dtype)[:, None, None, :]
+
+
+def init_source(batch: int, grid0: tuple[int, int], num_prefix: int, device: torch.device) -> Tensor:
+    """Identity source map: patch j lives in token num_prefix + j."""
+    n0 = grid0[0] * grid0[1]
+    return (torch.arange(n0, device=device) + num_prefix).expand(batch, n0).contiguous()
+
+
+def remap_source(source: Tensor | None, new_pos: Tensor) -> Tensor | None:
+    """Follow a reduction: ``new_pos`` (B, N_old) gives each old token's new index (-1 = gone)."""
+    if source is None:
+        return None
+    mapped = new_pos.gather(1, source.clamp(min=0))
+    return torch.where(source < 0, source, mapped)
+
+
+def _flat_index(idx: Tensor, n: int) -> Tensor:
+    """Per-batch token indices (B, K) as rows of the (B*N, C) flattened tokens."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n).reshape(-1)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Select tokens ``idx`` (B, K) from ``x`` (B, N, C).
+
+    A flat ``index_select`` rather than ``gather`` with an expanded index: on CPU it is about
+    10x faster for token tensors (measured 0.4 vs 4 ms at B=16, N=150, C=384).
+    """
+    batch, n, channels = x.shape
+    return x.reshape(batch * n, channels).index_select(0, _flat_index(idx, n)).view(batch, -1, channels)
+
+
+def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = None) -> TokenState:
+    """Keep the patch-side tokens ``idx`` (B, K, indices after the prefix); drop or fuse the rest.
+
+    With ``fuse_weights`` (B, n) the dropped tokens are fused into one extra last token,
+    sum_j w_j x_j over the dropped j (EViT: the CLS attention, not renormalised), whose size is the
+    sum of the dropped sizes. Without it the dropped tokens are pruned (their patches map to -1).
+    """
+    p, x = state.num_prefix, state.x
+    patches = x[:, p:]
+    batch, n = patches.shape[:2]
+    k = idx.shape[1]
+    parts = [x[:, :p], gather_tokens(patches, idx)]
+    sizes = state.sizes()
+    patch_sizes = sizes[:, p:]
+    size_parts = [sizes[:, :p], patch_sizes.gather(1, idx)]
+    if fuse_weights is not None:
+        dropped_w = fuse_weights.scatter(1, idx, 0.0)
+        parts.append(torch.bmm(dropped_w.unsqueeze(1).to(patches.dtype), patches))
+        size_parts.append(patch_sizes.sum(1, keepdim=True) - size_parts[1].sum(1, keepdim=True))
+    if state.source is not None:
+        gone = p + k if fuse_weights is not None else -1
+        new_pos = torch.full((batch, p + n), gone, dtype=torch.long, device=x.device)
+        new_pos[:, :p] = torch.arange(p, device=x.device)
+        new_pos[:, p:].scatter_(1, idx, torch.arange(p, p + k, device=x.device).expand(batch, k))
+        state.source = remap_source(state.source, new_pos)
+    state.x = torch.cat(parts, dim=1)
+    state.size = torch.cat(size_parts, dim=1)
+    state.grid = None
+    return state
+
+
+class Matching(NamedTuple):
+    """A bipartite merge plan over the patch tokens: A = even positions, B = odd positions."""
+
+    unmerged: Tensor  # (B, nA - r) indices into A that stay
+    src: Tensor  # (B, r) indices into A that merge away
+    dst: Tensor  # (B, r) indices into B they merge into
+
+
+def bipartite_matching(metric: Tensor, r: int) -> Matching:
+    """ToMe's bipartite soft matching on (B, n, d) patch-token keys: the r most similar A->B edges."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    best, best_dst = similarity.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    return Matching(order[:, r:], src, best_dst.gather(1, src))
+
+
+def merge_matched(state: TokenState, m: Matching) -> TokenState:
+    """Apply a matching: each source is averaged into its destination, weighted by size.
+
+    Output order is [prefix, unmerged A, all B]. For speed the surviving tokens are taken with
+    one gather and only the r destination rows are rewritten: a destination d becomes
+    (s_d x_d + sum_src s_src x_src) / (s_d + sum_src s_src), computed as scaled scatter-sums
+    (no scatter-mean, so it exports to ONNX).
+    """
+    p, x = state.num_prefix, state.x
+    batch, n_all, channels = x.shape
+    dev = x.device
+    n_unm, n_b = m.unmerged.shape[1], (n_all - p) // 2
+    survivors = torch.cat([
+        torch.arange(p, device=dev).expand(batch, p),
+        p + 2 * m.unmerged,
+        torch.arange(p + 1, n_all, 2, device=dev).expand(batch, n_b),
+    ], dim=1)
+    out = gather_tokens(x, survivors)
+    sizes = state.sizes()
+    out_size = sizes.gather(1, survivors)
+    src_pos = p + 2 * m.src
+    src_size = sizes.gather(1, src_pos)
+    dst_pos = p + n_unm + m.dst
+    new_size = out_size.scatter_add(1, dst_pos, src_size)
+    dst_total = new_size.gather(1, dst_pos)
+    flat_dst = _flat_index(dst_pos, out.shape[1])
+    flat_out = out.view(-1, channels)
+    dst_weight = (out_size.gather(1, dst_pos) / dst_total).view(-1, 1)
+    flat_out.index_copy_(0, flat_dst, flat_out.index_select(0, flat_dst) * dst_weight)  # repeats write the same row
+    src_weight = (src_size / dst_total).view(-1, 1)
+    flat_out.index_add_(0, flat_dst, gather_tokens(x, src_pos).view(-1, channels) * src_weight)
+    if state.source is not None:
+        new_pos = torch.empty((batch, n_all), dtype=torch.long, device=dev)
+        new_pos.scatter_(1, survivors, torch.arange(survivors.shape[1], device=dev).expand(batch, -1))
+        new_pos.scatter_(1, src_pos, dst_pos)
+        state.source = remap_source(state.source, new_pos)
+    state.x, state.size, state.grid = out, new_size, None
+    return state
+
+
+def unmerge(state: TokenState, x: Tensor | None = None, fill: float = 0.0) -> Tensor:
+    """Map tokens back to the full patch grid: (B, n0, C); each patch gets its token's value.
+
+    Pruned patches (source -1) get ``fill``. ``x`` defaults to ``state.x`` (pass e.g. the
+    normed tokens). Needs a traced state (``trace_source=True``).
+    """
+    if state.source is None:
+        raise ValueError("this TokenState was not traced: run the model with trace_source=True")
+    x = state.x if x is None else x
+    full = gather_tokens(x, state.source.clamp(min=0))
+    pruned = (state.source < 0).unsqueeze(-1)
+    return torch.where(pruned, torch.full_like(full, fill), full) if bool(pruned.any()) else full
+
+
+def unmerge_grid(state: TokenState, x: Tensor | None = None, fill: float = 0.0) -> Tensor:
+    """``unmerge`` reshaped to a dense feature map (B, C, H, W) on the original patch grid."""
+    full = unmerge(state, x, fill)
+    h, w = state.grid0
+    return full.transpose(1, 2).reshape(full.shape[0], full.shape[2], h, w)
