@@ -37,11 +37,9 @@ def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise VitslimError(f"{type(model).__name__} is not supported; vitslim supports {SUPPORTED}")
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise VitslimError(
-                f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                f"vitslim supports {SUPPORTED}"
-            )
+        attn = getattr(blk, "attn", None)
+        if type(blk) is not Block or type(attn) is not Attention:
+            raise VitslimError(f"block {i} is a {type(blk).__name__}; vitslim supports {SUPPORTED}")
 
 
 def check_input(model: nn.Module, images: Tensor) -> None:
@@ -237,9 +235,13 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     dense = count_macs(model)
     base = {k: v for k, v in options.items()}
 
+    ratios: dict[int, float] = {}
+
     def ratio(level: int) -> float:
-        _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
-        return count_macs(model) / dense
+        if level not in ratios:
+            _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
+            ratios[level] = count_macs(model) / dense
+        return ratios[level]
 
     lo, hi = 0, method_cls.max_level(model, **base)
     best_ratio = ratio(hi)

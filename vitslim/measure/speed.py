@@ -92,6 +92,11 @@ class IdealSchedule(nn.Module):
         super().__init__()
         self.model, self.tokens = model, tokens
 
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The wrapped model's patch embedding (gives measurement its input size)."""
+        return self.model.patch_embed
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits of a dense pass that simply truncates to each block's token counts."""
         m = self.model

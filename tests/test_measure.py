@@ -1,0 +1,79 @@
+"""MACs against the analytic formula and the published anchors; speed and accuracy helpers."""
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+
+import vitslim
+from vitslim.measure import analytic_macs, compare_speed, evaluate, ideal_model, latency, throughput
+
+
+@pytest.mark.parametrize("name,gmacs", [
+    ("deit_tiny_patch16_224", 1.254), ("deit_small_patch16_224", 4.599), ("deit_base_patch16_224", 17.564),
+])
+@pytest.mark.parametrize("fused", [True, False])
+def test_dense_deit_macs_match_the_analytic_formula(name, gmacs, fused):
+    model = timm.create_model(name)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    counted = vitslim.count_macs(model)
+    assert counted == analytic_macs(model)
+    assert abs(counted / 1e9 - gmacs) < 0.001
+    ops = vitslim.count_macs(model, by_op=True)
+    attention = "_scaled_dot_product_flash_attention_for_cpu" if fused else "bmm"
+    assert ops[attention] == 12 * 2 * 197 * 197 * model.embed_dim  # QK^T and AV, all heads
+
+
+@pytest.mark.parametrize("r,expected", [(8, 3.416), (13, 2.703), (16, 2.291)])
+def test_tome_deit_small_matches_the_published_macs(r, expected):
+    model = vitslim.patch(timm.create_model("deit_small_patch16_224"), "tome", r=r)
+    counted = vitslim.count_macs(model)
+    ideal = analytic_macs(model, vitslim.describe(model)["tokens"])
+    assert abs(ideal / 1e9 - expected) < 0.01
+    # the counter adds the matching's own work on top of the dense blocks, and nothing else big
+    assert ideal < counted < ideal * 1.005
+
+
+@pytest.mark.parametrize("keep,expected", [(0.9, 4.022), (0.7, 3.029), (0.5, 2.309)])
+def test_evit_deit_small_matches_the_published_macs(keep, expected):
+    model = vitslim.patch(timm.create_model("deit_small_patch16_224"), "evit", keep_rate=keep)
+    assert abs(vitslim.count_macs(model) / 1e9 - expected) < 0.01
+
+
+def test_distilled_deit_counts_both_heads():
+    model = timm.create_model("deit_tiny_distilled_patch16_224")
+    assert vitslim.count_macs(model) == analytic_macs(model)
+
+
+def test_count_macs_per_image_is_batch_independent():
+    model = vitslim.patch(tiny_vit(), "tome", r=4)
+    assert vitslim.count_macs(model, batch_size=1) == vitslim.count_macs(model, batch_size=4)
+
+
+def test_speed_helpers_report_the_protocol():
+    model = tiny_vit()
+    result = throughput(model, batch_size=4, runs=5, warmup=1, threads=1)
+    assert result["images_per_s"] > 0 and result["runs"] == 5 and result["threads"] == 1
+    assert result["median_ms"] <= result["p90_ms"]
+    assert latency(model, runs=5, warmup=1)["batch_size"] == 1
+    with pytest.raises(ValueError, match=">= 5"):
+        throughput(model, runs=3)
+
+
+def test_ideal_model_runs_the_schedule_without_reduction_work():
+    model = vitslim.patch(tiny_vit(), "tome", r=8)
+    ideal = ideal_model(model)
+    tokens = vitslim.describe(model)["tokens"]
+    assert analytic_macs(model, tokens) == vitslim.count_macs(ideal)
+    speeds = compare_speed({"patched": model, "ideal": ideal}, batch_size=2, runs=5, warmup=1)
+    assert set(speeds) == {"patched", "ideal"}
+
+
+def test_evaluate_counts_top1_and_top5():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 9, 8, 7, 6, 5, 1], [9.0, 0, 1, 2, 3, 4, 5]])[: x.shape[0]]
+
+    loader = [(torch.zeros(2, 1), torch.tensor([1, 6]))]
+    result = evaluate(Fixed(), loader, progress=False)
+    assert result == {"top1": 0.5, "top5": 1.0, "n": 2}
