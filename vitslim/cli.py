@@ -1,0 +1,180 @@
+"""The ``vitslim`` command: a thin layer over the library.
+
+    vitslim compare   methods x MACs budgets: MACs, throughput, speed-up (measured and ideal), top-1
+    vitslim bench     the same without data: speed only
+    vitslim eval      top-1/top-5 of a (patched) model on a dataset
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shlex
+import sys
+from typing import Any, Sequence
+
+from vitslim.errors import VitslimError
+
+DEFAULT_METHODS = "tome,evit,topk"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, str, Any]:
+    """METHOD.KEY=VALUE or KEY=VALUE, VALUE a Python literal (e.g. evit.keep_order=False, r=[8,4])."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"options look like key=value or method.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    method, _, key = key.rpartition(".")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return method, key, value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (the embedded digits ViT), a timm model name, or a timm model folder")
+    p.add_argument("--checkpoint", help="weights for --model: .safetensors, .pth or a timm model folder")
+    p.add_argument("--pretrained", action="store_true", help="download the model's hub weights (needs internet)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for timing (default 2)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required,
+                   help="'digits', 'cifar10', 'imagenet-val-1300', an ImageFolder or a labels.csv folder "
+                        "(default: digits for the default model)")
+    p.add_argument("--split", default="test", help="split folder to use when the data has one (default test)")
+    p.add_argument("--limit", type=int, help="use only this many images (evenly spread)")
+    p.add_argument("--eval-batch-size", type=int, default=128)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    p.add_argument("--budgets", type=_floats, default=[0.5, 0.7],
+                   help="MACs targets as fractions of dense (default 0.5,0.7)")
+    p.add_argument("--option", type=_option, action="append", default=[],
+                   help="extra method option, e.g. evit.keep_order=False (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for throughput (default 32)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per model, median reported (>= 5)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--out", default="vitslim-out", help="folder for the JSON / markdown / PNG report")
+    p.add_argument("--name", default=None, help="report file name (default: compare or bench)")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vitslim`` command."""
+    parser = argparse.ArgumentParser(prog="vitslim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="methods x budgets: MACs, speed and accuracy against dense")
+    _add_model_args(compare)
+    _add_data_args(compare, required=False)
+    _add_method_args(compare)
+    bench = sub.add_parser("bench", help="methods x budgets: MACs and speed only (no data)")
+    _add_model_args(bench)
+    _add_method_args(bench)
+    evaluate = sub.add_parser("eval", help="top-1/top-5 of a model, optionally patched")
+    _add_model_args(evaluate)
+    _add_data_args(evaluate, required=False)
+    evaluate.add_argument("--method", help="patch with this method first")
+    evaluate.add_argument("--macs", type=float, help="MACs budget for --method")
+    evaluate.add_argument("--option", type=_option, action="append", default=[],
+                          help="method option key=value (repeatable)")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from vitslim.zoo import load_model
+
+    return load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def _loader(args: argparse.Namespace, model):
+    from vitslim.train.data import build_loader
+
+    data = args.data or ("digits" if args.model == "default" else None)
+    if data is None:
+        return None
+    return build_loader(data, args.split, model=model, batch_size=args.eval_batch_size, limit=args.limit)
+
+
+def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for method, key, value in args.option:
+        for m in ([method] if method else methods):
+            if m not in options:
+                raise VitslimError(f"--option {method}.{key}: {method!r} is not among --methods {list(methods)}")
+            options[m][key] = value
+    return options
+
+
+def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
+    import vitslim
+    from vitslim.measure.compare import run_compare
+    from vitslim.measure.report import format_table, save_report
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in vitslim.methods():
+            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(vitslim.methods())}")
+    model = _load(args)
+    loader = _loader(args, model) if with_data else None
+    if with_data and loader is None:
+        print("vitslim: no --data for this model: measuring speed only", file=sys.stderr)
+    result = run_compare(model, methods, args.budgets, loader=loader, batch_size=args.batch_size,
+                         runs=args.runs, threads=args.threads, precision=args.precision,
+                         options=_method_options(args, methods))
+    name = args.name or ("compare" if with_data else "bench")
+    command = "vitslim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    title = f"vitslim {name}: {args.model}"
+    paths = save_report(result, args.out, name, title, command=command, plot=not args.no_plot)
+    print(format_table(result["rows"]))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import vitslim
+    from vitslim.measure import evaluate
+
+    model = _load(args)
+    if args.method:
+        options = {key: value for _, key, value in args.option}
+        vitslim.patch(model, args.method, macs=args.macs, **options)
+    elif args.macs or args.option:
+        raise VitslimError("--macs and --option need --method")
+    loader = _loader(args, model)
+    if loader is None:
+        raise VitslimError("give --data for a model other than the default")
+    acc = evaluate(model, loader, threads=args.threads)
+    macs = vitslim.count_macs(model) / 1e9
+    print(f"top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%}  on {acc['n']} images  ({macs:.4f} GMACs)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitslim`` command."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TQDM_MININTERVAL", "1")
+    try:
+        if args.command == "eval":
+            return _run_eval(args)
+        return _run_compare(args, with_data=args.command == "compare")
+    except VitslimError as exc:
+        print(f"vitslim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitslim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Methods x MACs budgets on one model: MACs, measured and ideal speed-up, accuracy, in one run."""
+from __future__ import annotations
+
+import copy
+import platform
+from typing import Any, Iterable, Sequence
+
+import timm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import vitslim
+from vitslim.measure.accuracy import evaluate
+from vitslim.measure.macs import count_macs, default_input_size
+from vitslim.measure.speed import compare_speed, ideal_model
+
+
+def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[float], *,
+                loader: Iterable | None = None, batch_size: int = 32, runs: int = 5, warmup: int = 2,
+                threads: int | None = 2, precision: str = "fp32", options: dict[str, dict] | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Patch a copy of ``model`` per (method, budget), then measure all of them against dense."""
+    options = options or {}
+    model = model.eval()
+    configs: dict[str, nn.Module] = {"dense": model}
+    rows: list[dict[str, Any]] = [{"method": "dense", "budget": 1.0, "options": {}}]
+    for method in methods:
+        for budget in budgets:
+            patched = vitslim.patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
+            configs[f"{method}@{budget}"] = patched
+            described = vitslim.describe(patched)
+            rows.append({"method": method, "budget": budget, "options": described["options"],
+                         "tokens": [list(t) for t in described["tokens"]]})
+    dense_macs = count_macs(model)
+    for row, m in zip(rows, configs.values()):
+        row["gmacs"] = count_macs(m) / 1e9
+        row["macs_ratio"] = row["gmacs"] * 1e9 / dense_macs
+    timed = dict(configs)
+    for name, m in configs.items():
+        if name != "dense":
+            timed[name + ":ideal"] = ideal_model(m)
+    speeds = compare_speed(timed, batch_size, runs=runs, warmup=warmup, threads=threads,
+                           precision=precision)
+    dense_ms = speeds["dense"]["median_ms"]
+    for row, name in zip(rows, configs):
+        row["images_per_s"] = speeds[name]["images_per_s"]
+        row["speedup"] = dense_ms / speeds[name]["median_ms"]
+        if name != "dense":
+            row["ideal_speedup"] = dense_ms / speeds[name + ":ideal"]["median_ms"]
+            row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
+    if loader is not None:
+        for row, (name, m) in tqdm(list(zip(rows, configs.items())), desc="accuracy", disable=not progress):
+            acc = evaluate(m, loader, progress=False, threads=threads)
+            row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"])
+        for row in rows:
+            row["top1_delta"] = row["top1"] - rows[0]["top1"]
+    protocol = {
+        "input_size": list(default_input_size(model)), "batch_size": batch_size, "runs": runs,
+        "warmup": warmup, "threads": speeds["dense"]["threads"], "precision": precision,
+        "fused_attn": bool(model.blocks[0].attn.fused_attn), "torch": torch.__version__,
+        "timm": timm.__version__, "vitslim": vitslim.__version__, "cpu": platform.processor() or platform.machine(),
+        "speed": "median of round-robin timed runs in one process; ideal = dense blocks on the same token counts",
+        "macs": "vitslim.count_macs (attention and reducer work included), per image",
+    }
+    return {"protocol": protocol, "rows": rows}

@@ -1,0 +1,95 @@
+"""Tables (terminal and markdown), JSON and the accuracy-vs-throughput plot for compare results."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [  # (key, header, format)
+    ("method", "method", "{}"),
+    ("budget", "MACs target", "{:.2f}"),
+    ("gmacs", "GMACs", "{:.4f}"),
+    ("macs_ratio", "MACs ratio", "{:.3f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("speedup", "speed-up", "{:.2f}x"),
+    ("ideal_speedup", "ideal", "{:.2f}x"),
+    ("measured_over_ideal", "measured/ideal", "{:.3f}"),
+    ("top1", "top-1 %", "{:.2%}"),
+    ("top1_delta", "delta top-1", "{:+.2%}"),
+]
+
+
+def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    body = [[fmt.format(r[key]).replace("%", "") if key in r else "-" for key, _, fmt in cols] for r in rows]
+    return [h for _, h, _ in cols], body
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table for the terminal."""
+    headers, body = _cells(rows)
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def to_markdown(result: dict[str, Any], title: str, command: str | None = None) -> str:
+    """A markdown report: title, the command that made it, the protocol and the table."""
+    headers, body = _cells(result["rows"])
+    out = [f"# {title}", ""]
+    if command:
+        out += ["Command:", "", f"    {command}", ""]
+    out += ["Protocol: " + ", ".join(f"{k} {v}" for k, v in result["protocol"].items()), ""]
+    out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out) + "\n"
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def save_report(result: dict[str, Any], out_dir: str | Path, name: str, title: str,
+                command: str | None = None, plot: bool = True) -> list[Path]:
+    """Write NAME.json, NAME.md and (with accuracy) NAME.png into ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+    _atomic_write(paths[0], json.dumps({"command": command, **result}, indent=2) + "\n")
+    _atomic_write(paths[1], to_markdown(result, title, command))
+    if plot and all("top1" in r for r in result["rows"]):
+        paths.append(plot_accuracy_vs_throughput(result, out_dir / f"{name}.png", title))
+    return paths
+
+
+def plot_accuracy_vs_throughput(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Top-1 against measured throughput, one line per method, dense as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rows = result["rows"]
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        pts = sorted((r["images_per_s"], 100 * r["top1"], r["budget"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for x, y, b in pts:
+            ax.annotate(f"{b:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    dense = rows[0]
+    ax.scatter([dense["images_per_s"]], [100 * dense["top1"]], marker="*", s=160, color="black", label="dense", zorder=3)
+    proto = result["protocol"]
+    ax.set_xlabel(f"throughput (images/s, batch {proto['batch_size']}, {proto['threads']} threads, {proto['precision']})")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title or "accuracy vs throughput (labels: MACs target)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return Path(path)
