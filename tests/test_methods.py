@@ -111,3 +111,10 @@ def test_wrong_image_size_is_a_clear_error():
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(VitslimError, match=r"expected images of shape \(B, 3, H, W\)"):
         model(torch.randn(1, 1, 32, 32))
+
+
+def test_bad_options_with_a_budget_leave_a_patched_model_as_it_was():
+    model = vitslim.patch(tiny_vit(), "tome", r=2)
+    with pytest.raises(VitslimError, match="blocks are 0..3"):
+        vitslim.patch(model, "evit", macs=0.5, locations=[9])
+    assert vitslim.describe(model)["options"]["r"] == [2, 2, 2, 2]

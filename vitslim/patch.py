@@ -128,6 +128,8 @@ class VitslimMixin:
                        attn_mask: Tensor | None = None) -> TokenState:
         """Embed and run every block; the returned state's ``x`` is after the final norm."""
         check_input(self, x)
+        if attn_mask is not None:
+            raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
         cfg = self.vitslim_config
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
@@ -139,8 +141,6 @@ class VitslimMixin:
                            prop_attn=cfg["prop_attn"], trace=[] if trace else None)
         if trace_source:
             state.source = init_source(x.shape[0], state.grid0, p, x.device)
-        if attn_mask is not None:
-            raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for blk, reducer in zip(self.blocks, self._vitslim_plan):
             state = block_forward(blk, state, reducer, ckpt)
@@ -231,9 +231,10 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     if not 0.0 < target <= 1.0:
         raise VitslimError(f"macs={macs} is out of range: give a fraction of the dense MACs in (0, 1]")
     method_cls = get_method(method)
+    base = dict(options)
+    method_cls(model, **method_cls.options_for_level(model, 0, **base))  # bad options fail before any change
     unpatch(model)
     dense = count_macs(model)
-    base = {k: v for k, v in options.items()}
 
     ratios: dict[int, float] = {}
 
