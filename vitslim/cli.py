@@ -64,6 +64,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="batch size for throughput (default 32)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per model, median reported (>= 5)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                   help="tuned (default): keep freed buffers in the heap while timing (see README)")
     p.add_argument("--out", default="vitslim-out", help="folder for the JSON / markdown / PNG report")
     p.add_argument("--name", default=None, help="report file name (default: compare or bench)")
     p.add_argument("--no-plot", action="store_true")
@@ -130,7 +132,7 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     if with_data and loader is None:
         print("vitslim: no --data for this model: measuring speed only", file=sys.stderr)
     result = run_compare(model, methods, args.budgets, loader=loader, batch_size=args.batch_size,
-                         runs=args.runs, threads=args.threads, precision=args.precision,
+                         runs=args.runs, threads=args.threads, precision=args.precision, allocator=args.allocator,
                          options=_method_options(args, methods))
     name = args.name or ("compare" if with_data else "bench")
     command = "vitslim " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -14,6 +14,7 @@ Merges are scatter-sum then divide (never scatter-mean), so they export to ONNX.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -68,9 +69,25 @@ def remap_source(source: Tensor | None, new_pos: Tensor) -> Tensor | None:
     return torch.where(source < 0, source, mapped)
 
 
-def _flat_index(idx: Tensor, n: int) -> Tensor:
-    """Per-batch token indices (B, K) as rows of the (B*N, C) flattened tokens."""
-    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * n).reshape(-1)
+@functools.lru_cache(maxsize=256)
+def _positions(p: int, n_all: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Constant token positions for a merge: prefix, A (even patch) and B (odd patch) tokens."""
+    with torch.inference_mode(False), torch.no_grad():  # usable in training and inference alike
+        return (torch.arange(p, device=device), torch.arange(p, n_all, 2, device=device),
+                torch.arange(p + 1, n_all, 2, device=device))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_offsets(batch: int, n: int, device: torch.device) -> Tensor:
+    """(B, 1) offsets that turn per-image token indices into rows of the flattened (B*N, C) tokens."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.arange(0, batch * n, n, device=device).unsqueeze(1)
+
+
+def _flat(idx: Tensor, n: int) -> Tensor:
+    if idx.shape[0] == 1:
+        return idx.reshape(-1)
+    return (idx + _row_offsets(idx.shape[0], n, idx.device)).reshape(-1)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -80,7 +97,7 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     10x faster for token tensors (measured 0.4 vs 4 ms at B=16, N=150, C=384).
     """
     batch, n, channels = x.shape
-    return x.reshape(batch * n, channels).index_select(0, _flat_index(idx, n)).view(batch, -1, channels)
+    return x.reshape(batch * n, channels).index_select(0, _flat(idx, n)).view(batch, -1, channels)
 
 
 def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = None) -> TokenState:
@@ -135,40 +152,38 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
 def merge_matched(state: TokenState, m: Matching) -> TokenState:
     """Apply a matching: each source is averaged into its destination, weighted by size.
 
-    Output order is [prefix, unmerged A, all B]. For speed the surviving tokens are taken with
-    one gather and only the r destination rows are rewritten: a destination d becomes
-    (s_d x_d + sum_src s_src x_src) / (s_d + sum_src s_src), computed as scaled scatter-sums
-    (no scatter-mean, so it exports to ONNX).
+    Output order is [prefix, unmerged A, all B]. The surviving tokens are taken with one gather;
+    then each destination d gets x_d + sum_src (s_src / S_d) (x_src - x_d) with S_d its new size,
+    which is the size-weighted average (s_d x_d + sum_src s_src x_src) / S_d, written as one
+    index-add over the r source rows. Few ops matter here: at batch 1 each costs more than its
+    arithmetic. No scatter-mean, so it exports to ONNX.
     """
     p, x = state.num_prefix, state.x
     batch, n_all, channels = x.shape
-    dev = x.device
-    n_unm, n_b = m.unmerged.shape[1], (n_all - p) // 2
-    survivors = torch.cat([
-        torch.arange(p, device=dev).expand(batch, p),
-        p + 2 * m.unmerged,
-        torch.arange(p + 1, n_all, 2, device=dev).expand(batch, n_b),
-    ], dim=1)
-    out = gather_tokens(x, survivors)
-    sizes = state.sizes()
-    out_size = sizes.gather(1, survivors)
-    src_pos = p + 2 * m.src
-    src_size = sizes.gather(1, src_pos)
-    dst_pos = p + n_unm + m.dst
-    new_size = out_size.scatter_add(1, dst_pos, src_size)
-    dst_total = new_size.gather(1, dst_pos)
-    flat_dst = _flat_index(dst_pos, out.shape[1])
-    flat_out = out.view(-1, channels)
-    dst_weight = (out_size.gather(1, dst_pos) / dst_total).view(-1, 1)
-    flat_out.index_copy_(0, flat_dst, flat_out.index_select(0, flat_dst) * dst_weight)  # repeats write the same row
-    src_weight = (src_size / dst_total).view(-1, 1)
-    flat_out.index_add_(0, flat_dst, gather_tokens(x, src_pos).view(-1, channels) * src_weight)
+    prefix_pos, a_pos, b_pos = _positions(p, n_all, x.device)
+    n_unm = m.unmerged.shape[1]
+    survivors = torch.cat([prefix_pos.expand(batch, p), a_pos.take(m.unmerged),
+                           b_pos.expand(batch, b_pos.shape[0])], dim=1)
+    n_out = survivors.shape[1]
+    flat_x = x.reshape(batch * n_all, channels)
+    out = flat_x.index_select(0, _flat(survivors, n_all))
+    src_pos, dst_pos = a_pos.take(m.src), b_pos.take(m.dst)  # positions in x
+    dst_out = m.dst + (p + n_unm)  # destinations' positions in the output
+    if state.size is None:
+        src_size = torch.ones_like(m.src, dtype=x.dtype)
+        new_size = torch.ones((batch, n_out), dtype=x.dtype, device=x.device).scatter_add_(1, dst_out, src_size)
+    else:
+        src_size = state.size.gather(1, src_pos)
+        new_size = state.size.gather(1, survivors).scatter_add_(1, dst_out, src_size)
+    weight = (src_size / new_size.gather(1, dst_out)).reshape(-1, 1)
+    delta = flat_x.index_select(0, _flat(src_pos, n_all)) - flat_x.index_select(0, _flat(dst_pos, n_all))
+    out.index_add_(0, _flat(dst_out, n_out), delta * weight)
     if state.source is not None:
-        new_pos = torch.empty((batch, n_all), dtype=torch.long, device=dev)
-        new_pos.scatter_(1, survivors, torch.arange(survivors.shape[1], device=dev).expand(batch, -1))
-        new_pos.scatter_(1, src_pos, dst_pos)
+        new_pos = torch.empty((batch, n_all), dtype=torch.long, device=x.device)
+        new_pos.scatter_(1, survivors, torch.arange(n_out, device=x.device).expand(batch, n_out))
+        new_pos.scatter_(1, src_pos, dst_out)
         state.source = remap_source(state.source, new_pos)
-    state.x, state.size, state.grid = out, new_size, None
+    state.x, state.size, state.grid = out.view(batch, n_out, channels), new_size, None
     return state
 
 

@@ -18,7 +18,8 @@ from vitslim.measure.speed import compare_speed, ideal_model
 
 def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[float], *,
                 loader: Iterable | None = None, batch_size: int = 32, runs: int = 5, warmup: int = 2,
-                threads: int | None = 2, precision: str = "fp32", options: dict[str, dict] | None = None,
+                threads: int | None = 2, precision: str = "fp32", allocator: str = "tuned",
+                options: dict[str, dict] | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Patch a copy of ``model`` per (method, budget), then measure all of them against dense."""
     options = options or {}
@@ -41,7 +42,7 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
         if name != "dense":
             timed[name + ":ideal"] = ideal_model(m)
     speeds = compare_speed(timed, batch_size, runs=runs, warmup=warmup, threads=threads,
-                           precision=precision)
+                           precision=precision, allocator=allocator)
     dense_ms = speeds["dense"]["median_ms"]
     for row, name in zip(rows, configs):
         row["images_per_s"] = speeds[name]["images_per_s"]
@@ -58,6 +59,7 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
     protocol = {
         "input_size": list(default_input_size(model)), "batch_size": batch_size, "runs": runs,
         "warmup": warmup, "threads": speeds["dense"]["threads"], "precision": precision,
+        "allocator": speeds["dense"]["allocator"],
         "fused_attn": bool(model.blocks[0].attn.fused_attn), "torch": torch.__version__,
         "timm": timm.__version__, "vitslim": vitslim.__version__, "cpu": platform.processor() or platform.machine(),
         "speed": "median of round-robin timed runs in one process; ideal = dense blocks on the same token counts",

@@ -9,6 +9,8 @@ blocks run on the same token counts with no reduction work.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import statistics
 import time
 from typing import Any, Iterator
@@ -19,6 +21,21 @@ from torch import Tensor, nn
 from vitslim.measure.macs import default_input_size
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_allocator_state = "default"
+
+
+def tune_allocator() -> str:
+    """Keep freed buffers in glibc's heap (no page faults per forward); returns the allocator state."""
+    global _allocator_state
+    if _allocator_state == "default":
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):  # not glibc: nothing to tune
+            return _allocator_state
+        if mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 1 << 30):
+            _allocator_state = "tuned (glibc mallopt mmap/trim thresholds 1 GiB)"
+    return _allocator_state
 
 
 @contextlib.contextmanager
@@ -49,10 +66,14 @@ def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
 
 def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
                   input_size: tuple[int, int, int] | None = None, runs: int = 7, warmup: int = 2,
-                  threads: int | None = 2, precision: str = "fp32") -> dict[str, dict[str, Any]]:
+                  threads: int | None = 2, precision: str = "fp32",
+                  allocator: str = "tuned") -> dict[str, dict[str, Any]]:
     """Time several models round-robin on the same input; each gets images/s, median and p90."""
     if runs < 5:
         raise ValueError(f"runs must be >= 5 for a trustworthy median, got {runs}")
+    if allocator not in ("tuned", "default"):
+        raise ValueError(f"allocator must be 'tuned' or 'default', got {allocator!r}")
+    allocator_state = tune_allocator() if allocator == "tuned" else _allocator_state
     first = next(iter(models.values()))
     x = torch.randn(batch_size, *(input_size or default_input_size(first)))
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -71,7 +92,7 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
         finally:
             for name, m in models.items():
                 m.train(modes[name])
-    info = {"threads": used, "precision": precision, "torch": torch.__version__}
+    info = {"threads": used, "precision": precision, "allocator": allocator_state, "torch": torch.__version__}
     return {name: {**_summary(t, batch_size), **info} for name, t in times.items()}
 
 

@@ -1,0 +1,1 @@
+"""Training helpers: datasets, loaders and the recipes behind vitslim's bundled models."""
