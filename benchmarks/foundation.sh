@@ -18,6 +18,11 @@ if [[ $what == all || $what == speed ]]; then
   vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 1 --runs 30 \
     --threads 2 --out $out --name deit_s_speed_b1
 fi
+if [[ $what == all || $what == allocator ]]; then
+  # the same batch-32 run with glibc's stock allocator (a fresh process, nothing tuned)
+  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 \
+    --threads 2 --allocator default --out $out --name deit_s_speed_b32_stock_allocator
+fi
 if [[ $what == all || $what == accuracy ]]; then
   # (b) the reference CIFAR-10 ViT (66.4% dense), training-free, on all 10,000 test images
   vitslim compare --model $shared/models/cifar10-vit-d12w128 --data cifar10 --split test \

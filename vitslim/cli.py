@@ -135,7 +135,7 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
                          runs=args.runs, threads=args.threads, precision=args.precision, allocator=args.allocator,
                          options=_method_options(args, methods))
     name = args.name or ("compare" if with_data else "bench")
-    command = "vitslim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
     title = f"vitslim {name}: {args.model}"
     paths = save_report(result, args.out, name, title, command=command, plot=not args.no_plot)
     print(format_table(result["rows"]))
@@ -164,7 +164,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitslim`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in reports as the command that made them
     os.environ.setdefault("TQDM_MININTERVAL", "1")
     try:
         if args.command == "eval":
