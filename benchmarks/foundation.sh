@@ -13,7 +13,7 @@ shared=${VITSLIM_SHARED:-../shared}
 
 if [[ $what == all || $what == speed ]]; then
   # (a) DeiT-S 224, random init (speed does not depend on the weights), 2 threads, fp32
-  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 \
+  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 32 --runs 12 \
     --threads 2 --out $out --name deit_s_speed_b32
   vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 1 --runs 30 \
     --threads 2 --out $out --name deit_s_speed_b1

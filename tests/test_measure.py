@@ -77,3 +77,14 @@ def test_evaluate_counts_top1_and_top5():
     loader = [(torch.zeros(2, 1), torch.tensor([1, 6]))]
     result = evaluate(Fixed(), loader, progress=False)
     assert result == {"top1": 0.5, "top5": 1.0, "n": 2}
+
+
+def test_paired_ratio_cancels_drift_that_a_ratio_of_medians_keeps():
+    from vitslim.measure.speed import paired_ratio
+
+    # the machine slows down 3x half way; the method is always twice as fast as dense
+    dense = {"times_ms": [10, 10, 10, 30, 30, 30]}
+    method = {"times_ms": [5, 5, 5, 15, 15, 15]}
+    assert paired_ratio(dense, method) == 2.0
+    method_drifted = {"times_ms": [5, 5, 15, 15, 15, 15]}  # slowed one round earlier
+    assert paired_ratio(dense, method_drifted) == 2.0

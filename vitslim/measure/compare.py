@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 import vitslim
 from vitslim.measure.accuracy import evaluate
 from vitslim.measure.macs import count_macs, default_input_size
-from vitslim.measure.speed import compare_speed, ideal_model
+from vitslim.measure.speed import compare_speed, ideal_model, paired_ratio
 
 
 def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[float], *,
@@ -26,30 +26,33 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
     model = model.eval()
     configs: dict[str, nn.Module] = {"dense": model}
     rows: list[dict[str, Any]] = [{"method": "dense", "budget": 1.0, "options": {}}]
-    for method in methods:
-        for budget in budgets:
-            patched = vitslim.patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
-            configs[f"{method}@{budget}"] = patched
-            described = vitslim.describe(patched)
-            rows.append({"method": method, "budget": budget, "options": described["options"],
-                         "tokens": [list(t) for t in described["tokens"]]})
+    for method, budget in tqdm([(m, b) for m in methods for b in budgets], desc="patching (macs= search)",
+                               disable=not progress, leave=False):
+        patched = vitslim.patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
+        configs[f"{method}@{budget}"] = patched
+        described = vitslim.describe(patched)
+        rows.append({"method": method, "budget": budget, "options": described["options"],
+                     "tokens": [list(t) for t in described["tokens"]]})
     dense_macs = count_macs(model)
     for row, m in zip(rows, configs.values()):
         row["gmacs"] = count_macs(m) / 1e9
         row["macs_ratio"] = row["gmacs"] * 1e9 / dense_macs
-    timed = dict(configs)
-    for name, m in configs.items():
+    timed: dict[str, nn.Module] = {}
+    for name, m in configs.items():  # each model next to its ideal: paired rounds cancel drift
+        timed[name] = m
         if name != "dense":
             timed[name + ":ideal"] = ideal_model(m)
     speeds = compare_speed(timed, batch_size, runs=runs, warmup=warmup, threads=threads,
-                           precision=precision, allocator=allocator)
-    dense_ms = speeds["dense"]["median_ms"]
+                           precision=precision, allocator=allocator, progress=progress)
+    dense = speeds["dense"]
     for row, name in zip(rows, configs):
         row["images_per_s"] = speeds[name]["images_per_s"]
-        row["speedup"] = dense_ms / speeds[name]["median_ms"]
+        row["p90_ms"] = speeds[name]["p90_ms"]
+        row["speedup"] = paired_ratio(dense, speeds[name])
         if name != "dense":
-            row["ideal_speedup"] = dense_ms / speeds[name + ":ideal"]["median_ms"]
-            row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
+            ideal = speeds[name + ":ideal"]
+            row["ideal_speedup"] = paired_ratio(dense, ideal)
+            row["measured_over_ideal"] = paired_ratio(ideal, speeds[name])
     if loader is not None:
         for row, (name, m) in tqdm(list(zip(rows, configs.items())), desc="accuracy", disable=not progress):
             acc = evaluate(m, loader, progress=False, threads=threads)
@@ -62,7 +65,9 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
         "allocator": speeds["dense"]["allocator"],
         "fused_attn": bool(model.blocks[0].attn.fused_attn), "torch": torch.__version__,
         "timm": timm.__version__, "vitslim": vitslim.__version__, "cpu": platform.processor() or platform.machine(),
-        "speed": "median of round-robin timed runs in one process; ideal = dense blocks on the same token counts",
+        "speed": "round-robin timed runs in one process (each model beside its ideal); img/s from the median "
+                 "time; speed-up and measured/ideal are medians of per-round paired ratios; ideal = dense "
+                 "blocks on the same token counts",
         "macs": "vitslim.count_macs (attention and reducer work included), per image",
     }
     return {"protocol": protocol, "rows": rows}

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vitslim.measure.macs import default_input_size
 
@@ -61,13 +62,22 @@ def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
     median = statistics.median(ordered)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return {"images_per_s": batch_size / median, "median_ms": 1e3 * median, "p90_ms": 1e3 * p90,
-            "runs": len(times), "batch_size": batch_size}
+            "runs": len(times), "batch_size": batch_size, "times_ms": [1e3 * t for t in times]}
+
+
+def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
+    """Median over rounds of slow/fast time, from two results of one ``compare_speed`` run.
+
+    Each round times every model once, so pairing rounds cancels drift on the machine that a
+    ratio of two medians would keep; time related models next to each other for the best effect.
+    """
+    return statistics.median(a / b for a, b in zip(slow["times_ms"], fast["times_ms"]))
 
 
 def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
                   input_size: tuple[int, int, int] | None = None, runs: int = 7, warmup: int = 2,
                   threads: int | None = 2, precision: str = "fp32",
-                  allocator: str = "tuned") -> dict[str, dict[str, Any]]:
+                  allocator: str = "tuned", progress: bool = False) -> dict[str, dict[str, Any]]:
     """Time several models round-robin on the same input; each gets images/s, median and p90."""
     if runs < 5:
         raise ValueError(f"runs must be >= 5 for a trustworthy median, got {runs}")
@@ -84,7 +94,8 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
                 m.eval()
                 for _ in range(warmup):
                     m(x)
-            for _ in range(runs):
+            for _ in tqdm(range(runs), desc=f"timing {len(models)} models, batch {batch_size}",
+                          disable=not progress, leave=False):
                 for name, m in models.items():
                     start = time.perf_counter()
                     m(x)
