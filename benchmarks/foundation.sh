@@ -28,3 +28,7 @@ if [[ $what == all || $what == accuracy ]]; then
   vitslim compare --model $shared/models/cifar10-vit-d12w128 --data cifar10 --split test \
     --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 --threads 2 --out $out --name cifar10_training_free
 fi
+if [[ $what == all || $what == overhead ]]; then
+  # where ToMe's time goes at batch 1, and the token-gather choice
+  python benchmarks/tome_overhead.py
+fi

@@ -158,8 +158,12 @@ class VitslimMixin:
             return self.forward_head(state.x, pre_logits=pre_logits)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         x, w = state.x[:, start:], state.size[:, start:, None].to(state.x.dtype)
-        avg = (x * w).sum(1) / w.sum(1)
-        pooled = {"avg": avg, "avgmax": 0.5 * (x.amax(1) + avg), "max": x.amax(1)}[pool]
+        if pool == "max":
+            pooled = x.amax(1)
+        else:
+            pooled = (x * w).sum(1) / w.sum(1)
+            if pool == "avgmax":
+                pooled = 0.5 * (x.amax(1) + pooled)
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 

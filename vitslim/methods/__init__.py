@@ -119,6 +119,14 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def reject_unknown(method: str, extra: dict[str, Any], accepted: str) -> None:
+    """Raise for options a method does not take, naming the ones it does."""
+    if extra:
+        raise VitslimError(
+            f"unknown {method} options {sorted(extra)}; {method} takes {accepted} (and macs=, prop_attn=)"
+        )
+
+
 def check_rate(name: str, value: Any) -> float:
     """A keep rate in (0, 1]; 0 or less would remove every token."""
     try:

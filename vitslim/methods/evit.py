@@ -15,7 +15,7 @@ from torch import nn
 
 from vitslim.errors import VitslimError
 from vitslim.methods import (AttnInfo, Method, Reducer, check_locations, check_rate,
-                             default_locations, register)
+                             default_locations, register, reject_unknown)
 from vitslim.tokens import TokenState, keep_tokens
 
 _RATE_STEP = 0.005  # budget levels: keep_rate 1.0, 0.995, ... (fine enough to land within 2%)
@@ -54,11 +54,7 @@ class EViT(Method):
 
     def resolve(self, model: nn.Module, keep_rate: Any = 1.0, locations: Any = None,
                 keep_order: bool = True, **extra: Any) -> dict[str, Any]:
-        if extra:
-            raise VitslimError(
-                f"unknown {self.name} options {sorted(extra)}; {self.name} takes keep_rate, "
-                "locations, keep_order (and macs=, prop_attn=)"
-            )
+        reject_unknown(self.name, extra, "keep_rate, locations, keep_order")
         depth = len(model.blocks)
         locs = default_locations(depth) if locations is None else check_locations(locations, depth)
         rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locs)

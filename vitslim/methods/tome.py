@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import AttnInfo, Method, Reducer, register
+from vitslim.methods import AttnInfo, Method, Reducer, register, reject_unknown
 from vitslim.tokens import TokenState, bipartite_matching, merge_matched
 
 
@@ -71,8 +71,7 @@ class ToMe(Method):
     prop_attn_default = True
 
     def resolve(self, model: nn.Module, r: Any = 0, **extra: Any) -> dict[str, Any]:
-        if extra:
-            raise VitslimError(f"unknown tome options {sorted(extra)}; tome takes r (and macs=, prop_attn=)")
+        reject_unknown(self.name, extra, "r")
         return {"r": parse_r(r, len(model.blocks))}
 
     def reducers(self) -> dict[int, Reducer]:
