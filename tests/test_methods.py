@@ -98,6 +98,12 @@ def test_bad_options_give_one_clear_error(call, message):
     assert not vitslim.is_patched(model)
 
 
+@pytest.mark.parametrize("method", ["evit", "topk"])
+def test_cls_attention_methods_need_a_class_token(method):
+    with pytest.raises(VitslimError, match="has no class token: use tome"):
+        vitslim.patch(tiny_vit(global_pool="avg", class_token=False), method, keep_rate=0.5)
+
+
 def test_unsupported_models_are_refused_with_the_supported_list():
     with pytest.raises(VitslimError, match="supports timm VisionTransformer"):
         vitslim.patch(timm.create_model("resnet18"), "tome", r=1)

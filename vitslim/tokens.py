@@ -73,8 +73,8 @@ def remap_source(source: Tensor | None, new_pos: Tensor) -> Tensor | None:
 def _positions(p: int, n_all: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Constant token positions for a merge: prefix, A (even patch) and B (odd patch) tokens."""
     with torch.inference_mode(False), torch.no_grad():  # usable in training and inference alike
-        return (torch.arange(p, device=device), torch.arange(p, n_all, 2, device=device),
-                torch.arange(p + 1, n_all, 2, device=device))
+        return (torch.arange(p, device=device), torch.arange(p, max(n_all, p), 2, device=device),
+                torch.arange(p + 1, max(n_all, p + 1), 2, device=device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -108,26 +108,24 @@ def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = No
     sum of the dropped sizes. Without it the dropped tokens are pruned (their patches map to -1).
     """
     p, x = state.num_prefix, state.x
-    patches = x[:, p:]
-    batch, n = patches.shape[:2]
+    batch, n = x.shape[0], x.shape[1] - p
     k = idx.shape[1]
-    parts = [x[:, :p], gather_tokens(patches, idx)]
+    prefix_pos = _positions(p, p, x.device)[0]
+    keep = torch.cat([prefix_pos.expand(batch, p), idx + p], dim=1)  # prefix first, then the kept
+    kept = gather_tokens(x, keep)
     sizes = state.sizes()
-    patch_sizes = sizes[:, p:]
-    size_parts = [sizes[:, :p], patch_sizes.gather(1, idx)]
+    kept_size = sizes.gather(1, keep)
     if fuse_weights is not None:
-        dropped_w = fuse_weights.scatter(1, idx, 0.0)
-        parts.append(torch.bmm(dropped_w.unsqueeze(1).to(patches.dtype), patches))
-        size_parts.append(patch_sizes.sum(1, keepdim=True) - size_parts[1].sum(1, keepdim=True))
+        dropped_w = fuse_weights.scatter(1, idx, 0.0).to(x.dtype)
+        fused = torch.bmm(dropped_w.unsqueeze(1), x[:, p:])
+        fused_size = sizes[:, p:].sum(1, keepdim=True) - kept_size[:, p:].sum(1, keepdim=True)
+        kept, kept_size = torch.cat([kept, fused], dim=1), torch.cat([kept_size, fused_size], dim=1)
     if state.source is not None:
         gone = p + k if fuse_weights is not None else -1
         new_pos = torch.full((batch, p + n), gone, dtype=torch.long, device=x.device)
-        new_pos[:, :p] = torch.arange(p, device=x.device)
-        new_pos[:, p:].scatter_(1, idx, torch.arange(p, p + k, device=x.device).expand(batch, k))
+        new_pos.scatter_(1, keep, torch.arange(p + k, device=x.device).expand(batch, p + k))
         state.source = remap_source(state.source, new_pos)
-    state.x = torch.cat(parts, dim=1)
-    state.size = torch.cat(size_parts, dim=1)
-    state.grid = None
+    state.x, state.size, state.grid = kept, kept_size, None
     return state
 
 

@@ -55,6 +55,11 @@ class EViT(Method):
     def resolve(self, model: nn.Module, keep_rate: Any = 1.0, locations: Any = None,
                 keep_order: bool = True, **extra: Any) -> dict[str, Any]:
         reject_unknown(self.name, extra, "keep_rate, locations, keep_order")
+        if getattr(model, "cls_token", None) is None:
+            raise VitslimError(
+                f"{self.name} ranks tokens by the class token's attention and this model has no class "
+                "token: use tome"
+            )
         depth = len(model.blocks)
         locs = default_locations(depth) if locations is None else check_locations(locations, depth)
         rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locs)
