@@ -6,6 +6,10 @@
 # Needs ../shared (or VITSLIM_DATA / a copy of the reference model) for the CIFAR-10 part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v vitslim >/dev/null; then
+  if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate
+  else echo "foundation.sh: vitslim is not installed: run the README's first command" >&2; exit 1; fi
+fi
 export HF_HUB_OFFLINE=1
 out=benchmarks/results
 what=${1:-all}
