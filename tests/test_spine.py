@@ -50,12 +50,18 @@ def _randomise(model):
     return model
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("method,options", ZERO_REDUCTION)
-def test_zero_reduction_equals_original_and_unpatch_is_exact(variant, method, options):
+def _model_for(variant, method):
+    """The variant, with its trivial parameters perturbed; skips CLS-attention methods without a CLS."""
     model = _randomise(VARIANTS[variant]())
     if model.cls_token is None and method != "tome":
         pytest.skip("CLS-attention methods need a class token (tested in test_methods)")
+    return model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("method,options", ZERO_REDUCTION)
+def test_zero_reduction_equals_original_and_unpatch_is_exact(variant, method, options):
+    model = _model_for(variant, method)
     x = _images(variant)
     with torch.inference_mode():
         expected = model(x)
@@ -73,9 +79,7 @@ def test_zero_reduction_equals_original_and_unpatch_is_exact(variant, method, op
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("method,options", REDUCING)
 def test_reduction_runs_on_every_variant_and_keeps_prefix_tokens(variant, method, options):
-    model = _randomise(VARIANTS[variant]())
-    if model.cls_token is None and method != "tome":
-        pytest.skip("CLS-attention methods need a class token (tested in test_methods)")
+    model = _model_for(variant, method)
     vitslim.patch(model, method, **options)
     x = _images(variant, batch=3)
     with torch.inference_mode():
