@@ -9,7 +9,6 @@ restores the class and removes the reducers, so the model is exactly the origina
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -109,7 +108,7 @@ def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: 
     else:
         state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None)
     if reducer is not None:
-        state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias, state.num_prefix))
+        state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias))
     if state.trace is not None:
         state.trace[-1] = (state.trace[-1][0], state.x.shape[1])
     if ckpt:
@@ -223,7 +222,7 @@ def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_at
 def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn: bool | None = None,
           **options: Any) -> nn.Module:
     """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs."""
-    check_supported(model if not is_patched(model) else _as_original(model))
+    check_supported(model)  # a patched model still is its original class, blocks untouched
     if macs is None:
         return _attach(model, method, options, prop_attn)
     from vitslim.measure.macs import count_macs
@@ -268,13 +267,6 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
     model.vitslim_config["macs_target"] = target
     return model
-
-
-def _as_original(model: nn.Module) -> nn.Module:
-    """A shallow stand-in with the original class, for support checks on a patched model."""
-    clone = copy.copy(model)
-    clone.__class__ = model.vitslim_config["original_class"]
-    return clone
 
 
 def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:

@@ -22,8 +22,8 @@ _BUILTIN = ("tome", "evit", "topk")
 class AttnInfo:
     """What a block's attention exposes to reducers, computed lazily on first use."""
 
-    def __init__(self, q, k, scale: float, bias, num_prefix: int):
-        self._q, self._k, self._scale, self._bias, self._p = q, k, scale, bias, num_prefix
+    def __init__(self, q, k, scale: float, bias):
+        self._q, self._k, self._scale, self._bias = q, k, scale, bias
         self._keys = self._cls = None
 
     @property
