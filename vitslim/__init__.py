@@ -9,7 +9,7 @@ from vitslim.patch import describe, is_patched, patch, unpatch
 from vitslim.tokens import TokenState, unmerge, unmerge_grid
 
 __all__ = ["VitslimError", "TokenState", "methods", "patch", "unpatch", "describe", "is_patched",
-           "unmerge", "unmerge_grid", "count_macs"]
+           "unmerge", "unmerge_grid", "count_macs", "load"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from vitslim.measure.macs import count_macs
 
         return count_macs
+    if name == "load":
+        from vitslim.train.checkpoint import load
+
+        return load
     if name == "measure":
         import vitslim.measure as measure
 

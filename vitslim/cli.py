@@ -3,6 +3,8 @@
     vitslim compare   methods x MACs budgets: MACs, throughput, speed-up (measured and ideal), top-1
     vitslim bench     the same without data: speed only
     vitslim eval      top-1/top-5 of a (patched) model on a dataset
+    vitslim train     fine-tune a (patched) model, with distillation from the dense model;
+                      many processes: torchrun --nproc_per_node N -m vitslim train ...
 """
 from __future__ import annotations
 
@@ -90,7 +92,62 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--macs", type=float, help="MACs budget for --method")
     evaluate.add_argument("--option", type=_option, action="append", default=[],
                           help="method option key=value (repeatable)")
+    train = sub.add_parser("train", help="fine-tune a (patched) model with distillation; checkpoints, resume, DDP")
+    _add_train_args(train)
     return parser
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__.strip("_")
+    return parse
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _floats}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from vitslim.train.config import RECIPES, TrainConfig
+
+    _add_model_args(p)
+    p.add_argument("--data", help="training data: 'digits', 'cifar10', an ImageFolder or labels.csv folder "
+                                  "(default: digits for the default model)")
+    p.add_argument("--split", default="train", help="training split (default train)")
+    p.add_argument("--val-split", default="test", help="evaluation split of --data (default test)")
+    p.add_argument("--limit", type=int, help="train on only this many images (evenly spread over classes)")
+    p.add_argument("--val-limit", type=int, help="evaluate on only this many images")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--eval-before", action="store_true", help="also evaluate before the first step")
+    p.add_argument("--method", help="patch with this method before training")
+    p.add_argument("--macs", type=float, help="MACs budget for --method")
+    p.add_argument("--option", type=_option, action="append", default=[], help="method option key=value")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; flags below override it")
+    p.add_argument("--teacher", default="auto", choices=["auto", "dense", "none"],
+                   help="distil from the dense model (auto: when --kd-weight > 0 or the method distils tokens)")
+    p.add_argument("--out", help="folder for checkpoints and log.jsonl (default vitslim-out/train-METHOD)")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' (OUT/last.pt when present)")
+    p.add_argument("--no-progress", action="store_true")
+    group = p.add_argument_group("training options (default: the recipe's, else TrainConfig's)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("recipe", "notes"):
+            continue
+        text = str(f.type)
+        kind = _FIELD_TYPES[text.replace(" | None", "")]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=argparse.SUPPRESS,
+                           type=_none_or(kind) if "None" in text else kind, metavar=kind.__name__.strip("_").upper(),
+                           help=f"(default {default})")
 
 
 def _load(args: argparse.Namespace):
@@ -102,10 +159,16 @@ def _load(args: argparse.Namespace):
 def _loader(args: argparse.Namespace, model):
     from vitslim.train.data import build_loader
 
-    data = args.data or ("digits" if args.model == "default" else None)
+    data = args.data or _default_data(args, model)
     if data is None:
         return None
     return build_loader(data, args.split, model=model, batch_size=args.eval_batch_size, limit=args.limit)
+
+
+def _default_data(args: argparse.Namespace, model) -> str | None:
+    """digits for the embedded default model (also when it comes back from a training checkpoint)."""
+    is_digits = (getattr(model, "pretrained_cfg", None) or {}).get("tag") == "digits"
+    return "digits" if args.model == "default" or is_digits else None
 
 
 def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -162,6 +225,63 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    import torch
+
+    import vitslim
+    from vitslim.measure.report import _atomic_write
+    from vitslim.train import TrainConfig, fit, teacher_copy
+    from vitslim.methods import get_method
+    from vitslim.train.engine import distributed_env
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    config = TrainConfig.from_recipe(args.recipe, **overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    data = args.data or _default_data(args, model)
+    if data is None:
+        raise VitslimError("give --data (a dataset to train on) for a model other than the default")
+    method_cls = get_method(args.method) if args.method else None
+    want_teacher = args.teacher == "dense" or (args.teacher == "auto" and (
+        config.kd_weight > 0 or getattr(method_cls, "distills_tokens", False)))
+    teacher = teacher_copy(model) if want_teacher else None
+    if args.method:
+        options = {key: value for _, key, value in args.option}
+        vitslim.patch(model, args.method, macs=args.macs, **options)
+    elif args.macs or args.option:
+        raise VitslimError("--macs and --option need --method")
+    train_set = _train_dataset(args, data, model, config)
+    val_set = None
+    if not args.no_eval:
+        from vitslim.train.data import build_dataset
+
+        val_set = build_dataset(data, args.val_split, model=model, limit=args.val_limit)
+    out = pathlib.Path(args.out or f"vitslim-out/train-{args.method or 'dense'}")
+    result = fit(model, train_set, val_data=val_set, teacher=teacher, config=config, out_dir=out,
+                 resume=args.resume, progress=not args.no_progress, eval_before=args.eval_before)
+    if distributed_env()[0] == 0:
+        command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
+        summary = {"command": command, "method": args.method, "macs": args.macs, "recipe": args.recipe,
+                   "teacher": "dense" if teacher is not None else None, "config": config.to_dict(), **result}
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        final = result["final"]
+        line = f"trained {result['steps']} steps"
+        if "top1" in final:
+            line += f": top-1 {final['top1']:.2%} on {final['n']} images"
+        print(f"{line}; checkpoint {result['checkpoint']}, log {out / 'log.jsonl'}")
+    return 0
+
+
+def _train_dataset(args: argparse.Namespace, data: str, model, config):
+    from vitslim.train.data import build_dataset
+
+    return build_dataset(data, args.split, model=model, limit=args.limit, augment=config.augment())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitslim`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -171,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "train":
+            return _run_train(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)

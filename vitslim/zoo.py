@@ -55,7 +55,14 @@ def cache_dir() -> pathlib.Path:
 
 def load_model(spec: str = "default", *, checkpoint: str | None = None, pretrained: bool = False,
                num_classes: int | None = None, **model_kwargs) -> torch.nn.Module:
-    """A model in eval mode from "default", a timm model folder or a timm name, with optional local weights."""
+    """A model in eval mode from "default", a timm model folder, a timm name (optional local weights) or a
+    vitslim training checkpoint (patched as trained)."""
+    for given in (spec, checkpoint):  # a training checkpoint brings its architecture, method and options
+        if given is not None and str(given).endswith((".pt", ".pth")) and pathlib.Path(given).expanduser().is_file():
+            from vitslim.train.checkpoint import is_training_checkpoint, load
+
+            if is_training_checkpoint(given):
+                return load(given)
     checkpoint_is_folder = checkpoint is not None and (pathlib.Path(checkpoint).expanduser() / "config.json").is_file()
     if spec == "default" and checkpoint_is_folder:
         spec, checkpoint = str(checkpoint), None  # a model folder brings its own architecture
@@ -196,10 +203,52 @@ def train_default_model(progress: bool = True) -> tuple[torch.nn.Module, dict]:
 
 def _create(name: str, num_classes: int | None, model_kwargs: dict) -> torch.nn.Module:
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AssertionError) as exc:
         where = f"model folder {name[len('local-dir:'):]}" if name.startswith("local-dir:") else f"timm model {name!r}"
         raise VitslimError(f"cannot build {where}: {exc}".replace("\n", " ")) from None
+    model.vitslim_spec = _spec(name, num_classes, model_kwargs, model)
+    return model
+
+
+def _spec(name: str, num_classes: int | None, model_kwargs: dict, model: torch.nn.Module) -> dict:
+    """How to rebuild this architecture without its source (for training checkpoints): timm name + kwargs."""
+    kwargs = dict(model_kwargs)
+    if name.startswith("local-dir:"):
+        config = json.loads((pathlib.Path(name[len("local-dir:"):]) / "config.json").read_text())
+        name = config["architecture"]
+        kwargs = {**config.get("model_args", {}), **kwargs}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return {"architecture": name, "model_args": kwargs, "pretrained_cfg": dict(getattr(model, "pretrained_cfg", {}))}
+
+
+def build_from_spec(spec: dict) -> torch.nn.Module:
+    """A fresh (random-init) model from a spec recorded by load_model or a training checkpoint."""
+    _check_name(spec["architecture"])
+    model = _create(spec["architecture"], spec["model_args"].get("num_classes"),
+                    {k: v for k, v in spec["model_args"].items() if k != "num_classes"})
+    if spec.get("pretrained_cfg"):
+        model.pretrained_cfg = dict(spec["pretrained_cfg"])  # its data config (mean/std, input size)
+    model.vitslim_spec = spec
+    return model
+
+
+def model_spec(model: torch.nn.Module) -> dict | None:
+    """The rebuild spec of a model: recorded at load time, or inferred for a plain timm ViT (None if unknown)."""
+    spec = getattr(model, "vitslim_spec", None)
+    if spec is not None:
+        return spec
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name or not timm.is_model(name) or not hasattr(model, "patch_embed"):
+        return None
+    pe = model.patch_embed
+    args = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+                num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
+                num_heads=model.blocks[0].attn.num_heads, global_pool=model.global_pool)
+    return {"architecture": name, "model_args": args, "pretrained_cfg": dict(cfg)}
 
 
 def _check_name(name: str) -> None:
@@ -220,7 +269,9 @@ def _create_pretrained(name: str, num_classes: int | None, model_kwargs: dict) -
         if reason:
             raise VitslimError(f"cannot download pretrained weights for {name}: {reason}; {_CHECKPOINT_HINT}")
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+        model.vitslim_spec = _spec(name, num_classes, model_kwargs, model)
+        return model
     except Exception as exc:  # network, hub and missing-weights errors all mean the same to the user
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VitslimError(f"cannot load pretrained weights for {name} ({message}); {_CHECKPOINT_HINT}") from None

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = True, desc: str = "eval",
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     """Top-1 and top-5 accuracy (fractions) and the number of images, in eval + inference mode."""
     was_training = model.training
     before = torch.get_num_threads()
@@ -20,6 +20,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = True, desc:
     try:
         with torch.inference_mode():
             for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                if device is not None:
+                    images, labels = images.to(device), labels.to(device)
                 logits = model(images)
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top == labels[:, None]

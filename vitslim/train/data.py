@@ -97,6 +97,32 @@ def build_transform(cfg: dict, split: str = "test", spec: str | None = None):
     return timm.data.create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=split == "train")
 
 
+def train_transform(cfg: dict, *, crop: str = "auto", hflip: float = 0.5, color_jitter: float | None = None,
+                    auto_augment: str | None = None, re_prob: float = 0.0, spec: str | None = None):
+    """timm's training augmentation for cfg; crop "pad" (CIFAR-style padded random crop) or "rrc"."""
+    if spec == "digits":
+        return build_transform(cfg, "train", spec)  # shifts only: flips and crops break digits
+    size = tuple(cfg["input_size"][1:])
+    if crop == "auto":
+        crop = "pad" if max(size) <= 64 else "rrc"  # RandomResizedCrop's 8% crops leave little of a 32-px image
+    if crop == "rrc":
+        return timm.data.create_transform(size, is_training=True, hflip=hflip, color_jitter=color_jitter or 0.0,
+                                          auto_augment=auto_augment, interpolation=cfg["interpolation"],
+                                          mean=cfg["mean"], std=cfg["std"], re_prob=re_prob, re_mode="pixel")
+    steps = [T.Resize(size, interpolation=T.InterpolationMode(cfg["interpolation"])),
+             T.RandomCrop(size, padding=max(1, size[0] // 8)), T.RandomHorizontalFlip(hflip)]
+    if color_jitter:
+        steps.append(T.ColorJitter(*(color_jitter,) * 3))
+    if auto_augment:
+        mean = tuple(round(255 * m) for m in cfg["mean"])
+        steps.append(timm.data.auto_augment.rand_augment_transform(
+            auto_augment, dict(translate_const=int(size[0] * 0.45), img_mean=mean)))
+    steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    if re_prob > 0:
+        steps.append(timm.data.random_erasing.RandomErasing(re_prob, mode="pixel", device="cpu"))
+    return T.Compose(steps)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Labelled images (file paths or uint8 arrays) decoded with PIL in one mode and passed through a transform."""
 
@@ -118,8 +144,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | None = None,
-                  limit: int | None = None) -> torch.utils.data.Dataset:
-    """A labelled image dataset ("digits", a short name under data_root(), or a folder) preprocessed for `model`."""
+                  limit: int | None = None, augment: dict | None = None) -> torch.utils.data.Dataset:
+    """A labelled image dataset ("digits", a short name under data_root(), or a folder) preprocessed for `model`.
+
+    ``augment`` (keyword arguments of ``train_transform``) switches to training augmentation.
+    """
     if limit is not None and limit < 1:
         raise VitslimError(f"limit must be a positive number of images, got {limit}")
     cfg = data_config(model, spec)
@@ -134,7 +163,8 @@ def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | No
     if limit is not None and limit < len(items):
         keep = balanced_subset(targets, limit)
         items, targets = [items[i] for i in keep], [targets[i] for i in keep]
-    return ImageDataset(items, targets, classes, build_transform(cfg, split, spec), modes[cfg["input_size"][0]])
+    transform = train_transform(cfg, spec=spec, **augment) if augment is not None else build_transform(cfg, split, spec)
+    return ImageDataset(items, targets, classes, transform, modes[cfg["input_size"][0]])
 
 
 def build_loader(spec: str, split: str = "test", *, model: torch.nn.Module | None = None, batch_size: int = 64,

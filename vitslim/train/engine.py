@@ -1,0 +1,565 @@
+"""The training engine: ``fit`` fine-tunes a (patched) model, on one process or many (torchrun + DDP).
+
+Design points (each is why something below looks the way it does):
+- **Same run on any number of processes.** ``batch_size`` is the global batch. Each epoch's order
+  is one seeded permutation; global batch k is a fixed slice of it and rank r takes the r-th
+  part. Augmentation is seeded per (seed, epoch, image), not per worker or rank. So 1 process
+  and N processes see the same images, augmented the same way, and DDP's gradient average
+  equals the single-process gradient (up to float summation order). Mixup/cutmix and
+  drop-path draw per rank, so those runs differ across world sizes, as in every DDP trainer.
+- **Exact resume.** A checkpoint holds the weights, optimizer, lr schedule, grad scaler, every
+  rank's RNG states and the position inside the epoch. The sampler restarts at that batch and
+  the loader takes its seed from its own generator, never from the global RNG, so a resumed
+  run continues the same random streams (exact on CPU with ``deterministic=True``).
+- **Methods plug in through the forward.** A patched model's training forward returns its
+  ``TokenState``; the loss reads ``state.aux`` (``AuxLoss``, ``TokenTarget``: see losses.py).
+  Modules may carry ``vitslim_lr_scale`` (e.g. SiT's reverse modules at 5x) and
+  ``vitslim_decay_all`` (weight decay on 1-D parameters too).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import pathlib
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import vitslim
+from vitslim.errors import VitslimError
+from vitslim.train.checkpoint import model_state, read_checkpoint, restore_model, save_checkpoint
+from vitslim.train.config import TrainConfig
+from vitslim.train.losses import FINAL, Criterion
+
+LAST, BEST = "last.pt", "best.pt"
+FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join torchrun's process group (nccl on GPU, gloo on CPU); True if this call created it."""
+    _, world, _ = distributed_env()
+    if world == 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed_env()[2])
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(values: Tensor) -> Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+class SeededAugment(torch.utils.data.Dataset):
+    """Wraps a dataset so each image's random augmentation depends only on (seed, epoch, index).
+
+    The global RNG states are saved and restored around the transform, so loading images never
+    moves the model's random streams (drop-path, Gumbel noise), whatever the worker count.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of each global batch of a seeded per-epoch permutation, from a start batch."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int):
+        if batch_size % world:
+            raise VitslimError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+        if size < batch_size:
+            raise VitslimError(f"the training data has {size} images, fewer than one batch of {batch_size}: "
+                               f"lower --batch-size")
+        self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
+        self.local = batch_size // world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use epoch's permutation, beginning at global batch ``start``."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size - self.start
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        for k in range(self.start, self.size // self.batch_size):  # drop_last: every step has the full batch
+            first = k * self.batch_size + self.rank * self.local
+            yield order[first:first + self.local].tolist()
+
+
+def _loader(dataset, batch_sampler, config: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=config.workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the loader off the global RNG
+        persistent_workers=False,
+    )
+
+
+def _eval_shard(dataset, rank: int, world: int):
+    return dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+
+
+# --- model pieces ----------------------------------------------------------------------------------
+
+
+class StudentForward(nn.Module):
+    """The student's training forward as one module (what DDP wraps): (logits, method aux terms)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, list]:
+        """Logits and the aux list of the state (empty for an unpatched model)."""
+        if vitslim.is_patched(self.model):
+            state = self.model.forward_tokens(images)
+            return self.model.forward_head_state(state), state.aux
+        return self.model(images), []
+
+
+def teacher_outputs(teacher: nn.Module, images: Tensor) -> Callable[[set[int]], tuple[Tensor, dict[int, Tensor]]]:
+    """A closure giving the dense teacher's logits and patch tokens of the asked blocks (one forward, cached)."""
+    cache: dict[str, Any] = {}
+
+    def run(blocks: set[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        if "logits" in cache:
+            return cache["logits"], cache["tokens"]
+        p = teacher.num_prefix_tokens
+        tokens: dict[int, Tensor] = {}
+        hooks = [teacher.blocks[b].register_forward_hook(
+            lambda _m, _i, out, b=b: tokens.__setitem__(b, out[:, p:])) for b in blocks if b != FINAL]
+        try:
+            with torch.no_grad():
+                features = teacher.forward_features(images)
+                logits = teacher.forward_head(features)
+        finally:
+            for h in hooks:
+                h.remove()
+        if FINAL in blocks:
+            tokens[FINAL] = features[:, p:]
+        cache.update(logits=logits, tokens=tokens)
+        return logits, tokens
+
+    return run
+
+
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly to ``rate`` over the blocks (timm's schedule)."""
+    from timm.layers import DropPath
+
+    depth = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        r = rate * i / max(depth - 1, 1)
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+def _module_attr(model: nn.Module, param_name: str, attr: str, default: Any) -> Any:
+    """The value of ``attr`` on the deepest module along the parameter's path that defines it."""
+    value, module = default, model
+    for part in param_name.split(".")[:-1]:
+        module = getattr(module, part)
+        value = getattr(module, attr, value)
+    return value
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D weights and tokens; lr scales for method modules and the backbone."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if config.freeze_tokens and name in FROZEN_TOKENS:
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        is_method = name.startswith("vitslim_reducers.") or _module_attr(model, name, "vitslim_method_module", False)
+        scale = _module_attr(model, name, "vitslim_lr_scale", None)
+        if scale is None:
+            scale = config.method_lr_scale if is_method else config.backbone_lr_scale
+        decay_all = _module_attr(model, name, "vitslim_decay_all", False)
+        decay = config.weight_decay if decay_all or (p.ndim > 1 and name not in skip) else 0.0
+        key = ("method" if is_method else "backbone", float(scale), decay)
+        group = groups.setdefault(key, dict(params=[], names=[], kind=key[0], lr_scale=key[1], weight_decay=decay))
+        group["params"].append(p)
+        group["names"].append(name)
+    if not groups:
+        raise VitslimError("the model has no trainable parameters")
+    return list(groups.values())
+
+
+def lr_factor(step: int, total: int, warmup: int, peak: float, min_lr: float, warmup_lr: float) -> float:
+    """Linear warm-up from warmup_lr to the peak, then cosine to min_lr, as a fraction of the peak lr."""
+    if step < warmup:
+        return (warmup_lr + (peak - warmup_lr) * step / warmup) / peak
+    t = (step - warmup) / max(total - warmup, 1)
+    return (min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))) / peak
+
+
+# --- RNG state -------------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_rng(device: torch.device) -> list[dict[str, Any]]:
+    state = _rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+# --- logging ---------------------------------------------------------------------------------------
+
+
+class JsonlLog:
+    """Appends one JSON object per line (rank 0 only); flushed per record so a crash loses nothing."""
+
+    def __init__(self, path: pathlib.Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        """Append ``record`` with a wall-clock time stamp."""
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+# --- fit -------------------------------------------------------------------------------------------
+
+
+def _dataset(data: Any, split: str, model: nn.Module, augment: dict | None, limit: int | None = None):
+    from vitslim.train.data import build_dataset
+
+    if isinstance(data, str):
+        return build_dataset(data, split, model=model, augment=augment, limit=limit)
+    return data
+
+
+def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
+    saved = payload.get("config", {})
+    ignore = {"workers", "device", "log_every", "eval_every", "checkpoint_every", "notes"}
+    now = config.to_dict()
+    differ = sorted(k for k in now if k not in ignore and k in saved and saved[k] != now[k])
+    if differ:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in differ)
+        raise VitslimError(f"cannot resume: the training options differ from the checkpoint's ({detail}); "
+                           f"resume with the same command line")
+
+
+def fit(model: nn.Module, data: Any, *, val_data: Any = None, teacher: nn.Module | None = None,
+        config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
+        resume: str | os.PathLike | None = None, progress: bool = True, eval_before: bool = False,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` (patched or not) on ``data``; returns per-epoch history and final metrics.
+
+    ``data``/``val_data`` are dataset specs for ``build_dataset`` ("cifar10", a folder, ...) or
+    Dataset objects. ``teacher`` is the dense model for distillation. Checkpoints (``last.pt``,
+    ``best.pt``) and ``log.jsonl`` go to ``out_dir`` (rank 0). ``resume`` continues a run exactly;
+    "auto" resumes from ``out_dir/last.pt`` when it exists. ``eval_before`` also evaluates before
+    the first step (logged as epoch -1). ``on_step`` gets every logged step record. Under torchrun,
+    every process calls fit.
+    """
+    config = config or TrainConfig()
+    rank, world, _ = distributed_env()
+    device = _device(config)
+    created_group = _init_distributed(device)
+    try:
+        return _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval_before, on_step,
+                    rank, world, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval_before, on_step, rank, world, device):
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    if resume == "auto":
+        resume = out / LAST if out is not None and (out / LAST).is_file() else None
+    payload = read_checkpoint(resume) if resume else None
+    if payload is not None:
+        _check_resume(payload, config)
+
+    torch.manual_seed(config.seed + rank)
+    np.random.seed((config.seed + rank) % 2**32)
+    random.seed(config.seed + rank)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    if config.drop_path is not None:
+        set_drop_path(model, config.drop_path)
+    train_set = SeededAugment(_dataset(data, "train", model, config.augment()), config.seed)
+    val_set = _dataset(val_data, "test", model, None) if val_data is not None else None
+    sampler = GlobalBatchSampler(len(train_set), config.batch_size, rank, world, config.seed)
+    steps_per_epoch = len(train_set) // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+
+    model.to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    groups = param_groups(model, config)
+    peak = config.peak_lr
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} | {"lr": peak * g["lr_scale"]}
+                                   for g in groups], lr=peak, betas=config.betas, eps=config.eps)
+    frozen_until = config.freeze_backbone_epochs * steps_per_epoch
+
+    def schedule(kind: str) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            if kind == "backbone" and step < frozen_until:
+                return 0.0
+            return lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
+        return factor
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["kind"]) for g in groups])
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise VitslimError("precision fp16 needs a GPU; use bf16 on CPU")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+                if config.precision != "fp32" else contextlib.nullcontext())
+    num_classes = model.num_classes
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        from timm.data import Mixup
+
+        if (config.batch_size // world) % 2:
+            raise VitslimError("mixup/cutmix need an even batch per process")
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=num_classes)
+    criterion = Criterion(label_smoothing=config.label_smoothing, kd_weight=config.kd_weight, kd_tau=config.kd_tau,
+                          kd_mode=config.kd_mode, kd_norm=config.kd_norm, token_weight=config.token_weight,
+                          aux_weight=config.aux_weight)
+    if criterion.needs_teacher and teacher is None:
+        raise VitslimError("kd_weight > 0 needs a teacher: pass teacher= (the dense model; CLI: --teacher dense)")
+
+    step = start_epoch = start_batch = 0
+    best = -1.0
+    history: list[dict[str, Any]] = []
+    if payload is not None:
+        restore_model(payload, model)
+        model.to(device)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        step, start_epoch, start_batch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
+        best, history = payload.get("best_top1", -1.0), list(payload.get("history", []))
+        rng = payload["rng"]
+        _set_rng_state(rng[rank] if rank < len(rng) else rng[0], device)
+
+    student = StudentForward(model)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+    log = JsonlLog(out / "log.jsonl" if out is not None and rank == 0 else None)
+    if rank == 0:
+        log.write(event="resume" if payload else "start", step=step, total_steps=total_steps, world=world,
+                  device=str(device), config=config.to_dict(),
+                  method=model.vitslim_config["method"] if vitslim.is_patched(model) else None)
+
+    if eval_before and val_set is not None and payload is None:
+        record = dict(event="eval", epoch=-1, step=0, **evaluate_distributed(model, val_set, rank, world, device,
+                                                                            progress and rank == 0))
+        history.append(record)
+        if rank == 0:
+            log.write(**record)
+            tqdm.write(f"before training: val top-1 {record['top1']:.2%} ({record['n']} images)")
+
+    def checkpoint(name: str, epoch: int, batch_in_epoch: int) -> None:
+        rng = _gather_rng(device)  # every rank takes part in the gather
+        if rank != 0 or out is None:
+            return
+        save_checkpoint(out / name, {
+            **model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng, "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "total_steps": total_steps, "config": config.to_dict(),
+            "best_top1": best, "history": history, "vitslim_version": vitslim.__version__,
+            "world_size": world,
+        })
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    local_batch = config.batch_size // world
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, epochs):
+            if step >= total_steps:
+                break
+            first = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first)
+            train_set.epoch = epoch
+            sums = torch.zeros(2, dtype=torch.float64)  # loss sum, steps
+            t_epoch = t_log = time.perf_counter()
+            images_since = 0
+            batch_in_epoch = first
+            for images, targets in _loader(train_set, sampler, config, device):
+                lr = peak * lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                with autocast:
+                    logits, aux = student(images)
+                    teacher_fn = teacher_outputs(teacher, images) if teacher is not None else None
+                    loss, parts = criterion(logits, targets, aux, teacher_fn)
+                if not torch.isfinite(loss):
+                    raise VitslimError(f"the loss became {loss.item()} at step {step}: lower the lr, or use "
+                                       f"precision fp32; the last good checkpoint is in {out}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                sums += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                images_since += local_batch * world
+                if step % config.log_every == 0 or step == total_steps:
+                    names = sorted(parts)
+                    mean = _all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
+                                                       [parts[k].float().cpu() for k in names])) / world
+                    now = time.perf_counter()
+                    record = dict(event="step", step=step, epoch=epoch, loss=round(mean[0].item(), 6),
+                                  **{k: round(v.item(), 6) for k, v in zip(names, mean[1:])},
+                                  lr=lr, images_per_s=round(images_since / (now - t_log), 1))
+                    t_log, images_since = now, 0
+                    if rank == 0:
+                        log.write(**record)
+                    if on_step is not None:
+                        on_step(record)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update()
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                    checkpoint(LAST, epoch, batch_in_epoch)
+                if step >= total_steps:
+                    break
+            sums = _all_reduce_sum(sums)
+            seconds = time.perf_counter() - t_epoch
+            record = dict(event="epoch", epoch=epoch, step=step, train_loss=round((sums[0] / sums[1]).item(), 6),
+                          seconds=round(seconds, 1),
+                          train_images_per_s=round((batch_in_epoch - first) * config.batch_size / seconds, 1))
+            end_of_epoch = batch_in_epoch >= steps_per_epoch
+            last_epoch = step >= total_steps
+            if val_set is not None and (last_epoch or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+                record.update(evaluate_distributed(model, val_set, rank, world, device, progress and rank == 0))
+                best = max(best, record["top1"])
+            history.append(record)
+            if rank == 0:
+                log.write(**record)
+                bar.write(_epoch_line(record))
+            if end_of_epoch:
+                checkpoint(LAST, epoch + 1, 0)
+            else:  # max_steps ended the run inside an epoch
+                checkpoint(LAST, epoch, batch_in_epoch)
+            if "top1" in record and record["top1"] >= best and rank == 0 and out is not None:
+                save_checkpoint(out / BEST, read_checkpoint(out / LAST))
+    finally:
+        bar.close()
+    final = history[-1] if history else {}
+    return {"history": history, "final": final, "best_top1": best if best >= 0 else None, "steps": step,
+            "total_steps": total_steps, "checkpoint": str(out / LAST) if out is not None else None}
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    text = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {record['train_images_per_s']:.0f} img/s"
+    if "top1" in record:
+        text += f", val top-1 {record['top1']:.2%} (top-5 {record['top5']:.2%}, {record['n']} images)"
+    return text
+
+
+def evaluate_distributed(model: nn.Module, dataset, rank: int, world: int, device: torch.device,
+                         progress: bool = False, batch_size: int = 256) -> dict[str, Any]:
+    """Top-1/top-5 over ``dataset`` with each rank taking every world-th image; counts summed across ranks."""
+    from vitslim.measure import evaluate
+
+    loader = torch.utils.data.DataLoader(_eval_shard(dataset, rank, world), batch_size=batch_size)
+    result = evaluate(model, loader, progress=progress, device=device)
+    counts = torch.tensor([round(result["top1"] * result["n"]), round(result["top5"] * result["n"]), result["n"]],
+                          dtype=torch.float64)
+    c1, c5, n = _all_reduce_sum(counts).tolist()
+    return {"top1": c1 / n, "top5": c5 / n, "n": int(n)}
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A frozen dense copy of ``model`` (unpatched) to distil from."""
+    teacher = copy.deepcopy(model)
+    vitslim.unpatch(teacher)
+    return teacher.eval().requires_grad_(False)
