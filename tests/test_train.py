@@ -196,6 +196,28 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_frozen_backbone_epochs_and_group_scales_in_the_schedule():
+    from vitslim.train.engine import build_optimizer
+
+    model = tiny_vit(depth=2)
+    vitslim.patch(model, "tome", r=2)
+    model.vitslim_reducers["0"].extra = torch.nn.Linear(4, 4)
+    config = TrainConfig(lr=1e-3, min_lr=0, warmup_epochs=0, freeze_backbone_epochs=1, method_lr_scale=5.0,
+                         backbone_lr_scale=0.01)
+    optimizer, scheduler, base_lr = build_optimizer(model, config, steps_per_epoch=5, total_steps=20)
+    seen = []
+    for step in range(20):
+        seen.append({g["kind"]: g["lr"] for g in optimizer.param_groups})
+        assert base_lr(step) == pytest.approx(1e-3 * lr_factor(step, 20, 0, 1e-3, 0, 1e-6))
+        optimizer.step()
+        scheduler.step()
+    assert all(s["backbone"] == 0 for s in seen[:5]) and seen[5]["backbone"] == pytest.approx(0.01 * base_lr(5))
+    assert seen[0]["method"] == pytest.approx(5e-3) and seen[10]["method"] == pytest.approx(5 * base_lr(10))
+    with pytest.raises(VitslimError, match="fp16 needs a GPU"):
+        fit(model, torch.utils.data.TensorDataset(torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)),
+            config=TrainConfig(precision="fp16", batch_size=4), progress=False)
+
+
 def test_global_batches_are_the_same_for_any_world_size():
     single = GlobalBatchSampler(37, 8, 0, 1, seed=3)
     single.set_epoch(2)
@@ -370,3 +392,41 @@ def test_killed_cli_run_resumes_to_the_same_weights(tiny_folder, tiny_images, tm
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["steps"] == 120 and "--resume" in summary["command"]
+
+
+def test_method_losses_flow_from_the_forward_into_training(tiny_folder, tiny_images, tmp_path, monkeypatch):
+    """A method's AuxLoss and TokenTarget (put in state.aux by its reducer) reach the loss and train its modules."""
+    from vitslim.methods import _REGISTRY, Method, Reducer
+    from vitslim.train.losses import AuxLoss, TokenTarget
+
+    class PullToOne(Reducer):
+        def __init__(self, block: int):
+            super().__init__()
+            self.block, self.scale = block, torch.nn.Parameter(torch.tensor(3.0))
+
+        def after_block(self, state):
+            if self.training:
+                state.aux.append(AuxLoss("pull", (self.scale - 1) ** 2))
+                state.aux.append(TokenTarget(state.x[:, state.num_prefix:], self.block, weight=1.0, name="match"))
+            return state
+
+    class PullMethod(Method):
+        name = "test_pull"
+
+        def resolve(self, model, **options):
+            return {}
+
+        def reducers(self):
+            return {1: PullToOne(1)}
+
+    monkeypatch.setitem(_REGISTRY, "test_pull", PullMethod)  # registered for this test only
+    model = _model(tiny_folder)
+    teacher = teacher_copy(model)
+    vitslim.patch(model, "test_pull")
+    records = []
+    fit(model, str(tiny_images), teacher=teacher, config=_config(epochs=2, lr=1e-2, method_lr_scale=5.0),
+        progress=False, on_step=records.append)
+    assert records[0]["match"] == pytest.approx(0.0, abs=1e-10)  # the student starts as the teacher
+    assert records[0]["pull"] == pytest.approx(4.0) and records[-1]["match"] > 0
+    # Adam moves a parameter by at most ~lr per step: 12 steps at 1x lr (1e-2, warm-up, cosine) move it < 0.12
+    assert 3.0 - model.vitslim_reducers["1"].scale.item() > 0.15

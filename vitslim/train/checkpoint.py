@@ -98,7 +98,12 @@ def restore_model(payload: dict[str, Any], model: nn.Module | None = None) -> nn
         model.vitslim_config["macs_target"] = payload.get("macs_target")
     elif vitslim.is_patched(model):
         vitslim.unpatch(model)
-    state = payload["model"]
+    load_state_strict(model, payload["model"])
+    return model
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict with every key and shape checked first, and a message that says what differs."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -110,7 +115,6 @@ def restore_model(payload: dict[str, Any], model: nn.Module | None = None) -> nn
         raise VitslimError(f"the checkpoint's weights do not fit the model ({detail}); was it trained with "
                            f"another architecture or method?")
     model.load_state_dict(state)
-    return model
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import vitslim
 from vitslim.errors import VitslimError
-from vitslim.train.checkpoint import model_state, read_checkpoint, restore_model, save_checkpoint
+from vitslim.train.checkpoint import load_state_strict, model_state, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
 from vitslim.train.losses import FINAL, Criterion
 
@@ -234,6 +234,48 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
+                                               Callable[[int], float]]:
+    """AdamW over ``param_groups``, a per-step schedule (each group: its scale x the base curve), the base curve."""
+    groups = param_groups(model, config)
+    peak = config.peak_lr
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} | {"lr": peak * g["lr_scale"]}
+                                   for g in groups], lr=peak, betas=config.betas, eps=config.eps)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    frozen_until = config.freeze_backbone_epochs * steps_per_epoch
+
+    def base(step: int) -> float:
+        return lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
+
+    def schedule(kind: str) -> Callable[[int], float]:
+        if kind == "backbone" and frozen_until:
+            return lambda step: 0.0 if step < frozen_until else base(step)
+        return base
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["kind"]) for g in groups])
+    return optimizer, scheduler, lambda step: peak * base(step)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "fp16" and device.type != "cuda":
+        raise VitslimError("precision fp16 needs a GPU (it needs a grad scaler); use bf16 on CPU")
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+
+
+def _mixup(config: TrainConfig, world: int, num_classes: int):
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    if (config.batch_size // world) % 2:
+        raise VitslimError("mixup/cutmix need an even batch per process: change --batch-size")
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
+
+
 def lr_factor(step: int, total: int, warmup: int, peak: float, min_lr: float, warmup_lr: float) -> float:
     """Linear warm-up from warmup_lr to the peak, then cosine to min_lr, as a fraction of the peak lr."""
     if step < warmup:
@@ -317,6 +359,16 @@ def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
                            f"resume with the same command line")
 
 
+def _load_weights(model: nn.Module, payload: dict[str, Any]) -> None:
+    """Resume: the checkpoint's weights into the same (already patched) model, checked first."""
+    cfg = model.vitslim_config if vitslim.is_patched(model) else {}
+    saved = (payload.get("method"), payload.get("options") or {})
+    if saved != (cfg.get("method"), cfg.get("options") or {}):
+        raise VitslimError(f"cannot resume: the checkpoint was trained as {saved[0] or 'dense'} {saved[1]}, the model "
+                           f"is {cfg.get('method') or 'dense'} {cfg.get('options') or {}}; patch it the same way")
+    load_state_strict(model, payload["model"])
+
+
 def fit(model: nn.Module, data: Any, *, val_data: Any = None, teacher: nn.Module | None = None,
         config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None, progress: bool = True, eval_before: bool = False,
@@ -368,39 +420,14 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup = round(config.warmup_epochs * steps_per_epoch)
 
     model.to(device).train()
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
-    groups = param_groups(model, config)
-    peak = config.peak_lr
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} | {"lr": peak * g["lr_scale"]}
-                                   for g in groups], lr=peak, betas=config.betas, eps=config.eps)
-    frozen_until = config.freeze_backbone_epochs * steps_per_epoch
-
-    def schedule(kind: str) -> Callable[[int], float]:
-        def factor(step: int) -> float:
-            if kind == "backbone" and step < frozen_until:
-                return 0.0
-            return lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
-        return factor
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["kind"]) for g in groups])
+    optimizer, scheduler, base_lr = build_optimizer(model, config, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
-    if config.precision == "fp16" and device.type != "cuda":
-        raise VitslimError("precision fp16 needs a GPU; use bf16 on CPU")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
-                if config.precision != "fp32" else contextlib.nullcontext())
-    num_classes = model.num_classes
-    mixup = None
-    if config.mixup > 0 or config.cutmix > 0:
-        from timm.data import Mixup
-
-        if (config.batch_size // world) % 2:
-            raise VitslimError("mixup/cutmix need an even batch per process")
-        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                      num_classes=num_classes)
+    autocast = _autocast(config, device)
+    mixup = _mixup(config, world, model.num_classes)
     criterion = Criterion(label_smoothing=config.label_smoothing, kd_weight=config.kd_weight, kd_tau=config.kd_tau,
                           kd_mode=config.kd_mode, kd_norm=config.kd_norm, token_weight=config.token_weight,
                           aux_weight=config.aux_weight)
@@ -411,8 +438,7 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
     best = -1.0
     history: list[dict[str, Any]] = []
     if payload is not None:
-        restore_model(payload, model)
-        model.to(device)
+        _load_weights(model, payload)  # in place: the optimizer already holds these parameters
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         scaler.load_state_dict(payload["scaler"])
@@ -452,10 +478,9 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
             "world_size": world,
         })
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0,
-               dynamic_ncols=True)
-    local_batch = config.batch_size // world
-    epoch = start_epoch
+    # counted in images, so the bar's rate is images/s and its ETA covers the whole run
+    bar = tqdm(total=total_steps * config.batch_size, initial=step * config.batch_size, desc="train", unit="img",
+               disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, epochs):
             if step >= total_steps:
@@ -468,7 +493,7 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
             images_since = 0
             batch_in_epoch = first
             for images, targets in _loader(train_set, sampler, config, device):
-                lr = peak * lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
+                lr = base_lr(step)  # the lr of this step (before group scales)
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 if mixup is not None:
@@ -477,8 +502,9 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
                     logits, aux = student(images)
                     teacher_fn = teacher_outputs(teacher, images) if teacher is not None else None
                     loss, parts = criterion(logits, targets, aux, teacher_fn)
-                if not torch.isfinite(loss):
-                    raise VitslimError(f"the loss became {loss.item()} at step {step}: lower the lr, or use "
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise VitslimError(f"the loss became {value} at step {step}: lower the lr, or use "
                                        f"precision fp32; the last good checkpoint is in {out}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -490,8 +516,8 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
                 scheduler.step()
                 step += 1
                 batch_in_epoch += 1
-                sums += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-                images_since += local_batch * world
+                sums += torch.tensor([value, 1.0], dtype=torch.float64)
+                images_since += config.batch_size
                 if step % config.log_every == 0 or step == total_steps:
                     names = sorted(parts)
                     mean = _all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
@@ -505,8 +531,8 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
                         log.write(**record)
                     if on_step is not None:
                         on_step(record)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update()
+                bar.set_postfix(step=f"{step}/{total_steps}", loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(config.batch_size)
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                     checkpoint(LAST, epoch, batch_in_epoch)
                 if step >= total_steps:

@@ -10,8 +10,7 @@ Methods talk to the loss through ``TokenState.aux`` while training:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +21,15 @@ from vitslim.errors import VitslimError
 FINAL = -1  # TokenTarget.block for the teacher's tokens after its final norm
 
 
-@dataclass
-class AuxLoss:
+# NamedTuples, not dataclasses: DDP (find_unused_parameters) and pytree look inside tuples for tensors
+class AuxLoss(NamedTuple):
     """A loss term a method computed during the forward, already carrying its own weight."""
 
     name: str
     value: Tensor
 
 
-@dataclass
-class TokenTarget:
+class TokenTarget(NamedTuple):
     """Student tokens (B, n, C) to match against the teacher's patch tokens after block ``block`` (FINAL: final norm)."""
 
     student: Tensor
