@@ -8,7 +8,7 @@ import pathlib
 import torch
 
 import vitslim
-from vitslim.measure.report import _atomic_write
+from vitslim.measure.report import atomic_write
 
 
 def row(run: pathlib.Path, dense_macs: float) -> dict:
@@ -53,8 +53,8 @@ def main() -> None:
                      f"{100 * (r['top1_after'] - control):+.2f} pts | {r['steps']} |")
     lines += ["", "Commands (one per run):", ""] + [f"    {r['command']}" for r in rows] + [""]
     args.results.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.results / f"{args.name}.md", "\n".join(lines))
-    _atomic_write(args.results / f"{args.name}.json", json.dumps({"rows": rows, "dense_top1": ref,
+    atomic_write(args.results / f"{args.name}.md", "\n".join(lines))
+    atomic_write(args.results / f"{args.name}.json", json.dumps({"rows": rows, "dense_top1": ref,
                                                                   "threads": 2}, indent=2) + "\n")
     print("\n".join(lines))
 

@@ -430,3 +430,19 @@ def test_method_losses_flow_from_the_forward_into_training(tiny_folder, tiny_ima
     assert records[0]["pull"] == pytest.approx(4.0) and records[-1]["match"] > 0
     # Adam moves a parameter by at most ~lr per step: 12 steps at 1x lr (1e-2, warm-up, cosine) move it < 0.12
     assert 3.0 - model.vitslim_reducers["1"].scale.item() > 0.15
+
+
+def test_compare_measures_a_loaded_checkpoint_as_trained(tiny_folder, tiny_images, tmp_path):
+    from vitslim.measure.compare import run_compare
+
+    model = _model(tiny_folder)
+    vitslim.patch(model, "topk", keep_rate=0.5)
+    fit(model, str(tiny_images), config=_config(epochs=1), out_dir=tmp_path, progress=False)
+    trained = load(tmp_path / "last.pt")
+    result = run_compare(trained, ["tome"], [0.8], batch_size=2, runs=5, warmup=1, progress=False)
+    names = [r["method"] for r in result["rows"]]
+    assert names == ["dense", "topk (as loaded)", "tome"]
+    dense, as_loaded = result["rows"][:2]
+    assert dense["macs_ratio"] == 1.0 and as_loaded["macs_ratio"] < 0.9
+    assert as_loaded["budget"] == round(as_loaded["macs_ratio"], 3)
+    assert vitslim.is_patched(trained) and trained.vitslim_config["options"]["keep_rate"] == 0.5

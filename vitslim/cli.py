@@ -232,9 +232,10 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch
 
     import vitslim
-    from vitslim.measure.report import _atomic_write
-    from vitslim.train import TrainConfig, fit, teacher_copy
+    from vitslim.measure.report import atomic_write
     from vitslim.methods import get_method
+    from vitslim.train import TrainConfig, fit, teacher_copy
+    from vitslim.train.data import build_dataset
     from vitslim.train.engine import distributed_env
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
@@ -254,12 +255,8 @@ def _run_train(args: argparse.Namespace) -> int:
         vitslim.patch(model, args.method, macs=args.macs, **options)
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
-    train_set = _train_dataset(args, data, model, config)
-    val_set = None
-    if not args.no_eval:
-        from vitslim.train.data import build_dataset
-
-        val_set = build_dataset(data, args.val_split, model=model, limit=args.val_limit)
+    train_set = build_dataset(data, args.split, model=model, limit=args.limit, augment=config.augment())
+    val_set = None if args.no_eval else build_dataset(data, args.val_split, model=model, limit=args.val_limit)
     out = pathlib.Path(args.out or f"vitslim-out/train-{args.method or 'dense'}")
     result = fit(model, train_set, val_data=val_set, teacher=teacher, config=config, out_dir=out,
                  resume=args.resume, progress=not args.no_progress, eval_before=args.eval_before)
@@ -267,19 +264,13 @@ def _run_train(args: argparse.Namespace) -> int:
         command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
         summary = {"command": command, "method": args.method, "macs": args.macs, "recipe": args.recipe,
                    "teacher": "dense" if teacher is not None else None, "config": config.to_dict(), **result}
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         final = result["final"]
         line = f"trained {result['steps']} steps"
         if "top1" in final:
             line += f": top-1 {final['top1']:.2%} on {final['n']} images"
         print(f"{line}; checkpoint {result['checkpoint']}, log {out / 'log.jsonl'}")
     return 0
-
-
-def _train_dataset(args: argparse.Namespace, data: str, model, config):
-    from vitslim.train.data import build_dataset
-
-    return build_dataset(data, args.split, model=model, limit=args.limit, augment=config.augment())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

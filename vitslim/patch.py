@@ -269,6 +269,22 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     return model
 
 
+def strip_training_modules(model: nn.Module) -> nn.Module:
+    """Re-patch with the method's inference options, keeping every weight the smaller model still has."""
+    if not is_patched(model):
+        return model
+    cfg = model.vitslim_config
+    options = get_method(cfg["method"]).inference_options(cfg["options"])
+    if options == cfg["options"]:
+        return model
+    state, macs_target = model.state_dict(), cfg["macs_target"]
+    _attach(model, cfg["method"], options, cfg["prop_attn"])
+    model.vitslim_config["macs_target"] = macs_target
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own})  # strict: nothing the model needs is lost
+    return model
+
+
 def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Method, options and tokens per block (into attention, into MLP) of a (patched) model."""
     from vitslim.measure.macs import default_input_size

@@ -21,11 +21,24 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
                 threads: int | None = 2, precision: str = "fp32", allocator: str = "tuned",
                 options: dict[str, dict] | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Patch a copy of ``model`` per (method, budget), then measure all of them against dense."""
+    """Patch a copy of ``model`` per (method, budget), then measure all of them against dense.
+
+    A model that is already patched (e.g. a fine-tuned checkpoint from ``vitslim.load``) is
+    measured as it is, in a row named "METHOD (as loaded)", beside its unpatched weights as dense.
+    """
     options = options or {}
     model = model.eval()
+    loaded = None
+    if vitslim.is_patched(model):
+        loaded, model = model, vitslim.unpatch(copy.deepcopy(model))
     configs: dict[str, nn.Module] = {"dense": model}
     rows: list[dict[str, Any]] = [{"method": "dense", "budget": 1.0, "options": {}}]
+    if loaded is not None:
+        cfg = loaded.vitslim_config
+        name = f"{cfg['method']} (as loaded)"
+        configs[name] = loaded
+        rows.append({"method": name, "budget": cfg["macs_target"], "options": cfg["options"],
+                     "tokens": [list(t) for t in vitslim.describe(loaded)["tokens"]]})
     for method, budget in tqdm([(m, b) for m in methods for b in budgets], desc="patching (macs= search)",
                                disable=not progress, leave=False):
         patched = vitslim.patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
@@ -37,6 +50,8 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
     for row, m in zip(rows, configs.values()):
         row["gmacs"] = count_macs(m) / 1e9
         row["macs_ratio"] = row["gmacs"] * 1e9 / dense_macs
+        if row["budget"] is None:  # a loaded model patched with native options: its measured fraction
+            row["budget"] = round(row["macs_ratio"], 3)
     timed: dict[str, nn.Module] = {}
     for name, m in configs.items():  # each model next to its ideal: paired rounds cancel drift
         timed[name] = m

@@ -46,7 +46,8 @@ def to_markdown(result: dict[str, Any], title: str, command: str | None = None) 
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write a file through a temporary sibling and a rename: readers never see half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(text.encode() if isinstance(text, str) else text)
     os.replace(tmp, path)
@@ -58,8 +59,8 @@ def save_report(result: dict[str, Any], out_dir: str | Path, name: str, title: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    _atomic_write(paths[0], json.dumps({"command": command, **result}, indent=2) + "\n")
-    _atomic_write(paths[1], to_markdown(result, title, command))
+    atomic_write(paths[0], json.dumps({"command": command, **result}, indent=2) + "\n")
+    atomic_write(paths[1], to_markdown(result, title, command))
     if plot and all("top1" in r for r in result["rows"]):
         paths.append(plot_accuracy_vs_throughput(result, out_dir / f"{name}.png", title))
     return paths

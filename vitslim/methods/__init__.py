@@ -16,7 +16,7 @@ from vitslim.errors import VitslimError
 from vitslim.tokens import TokenState
 
 _REGISTRY: dict[str, type["Method"]] = {}
-_BUILTIN = ("tome", "evit", "topk")
+_BUILTIN = ("tome", "evit", "topk", "sit")
 
 
 class AttnInfo:
@@ -92,6 +92,11 @@ class Method:
     def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
         """Native options (e.g. ToMe's r list) that realise a budget level."""
         raise NotImplementedError
+
+    @classmethod
+    def inference_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options of the deployable model (without training-only modules, e.g. SiT's reverse modules)."""
+        return options
 
 
 def register(cls: type[Method]) -> type[Method]:

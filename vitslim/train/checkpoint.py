@@ -117,6 +117,12 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
-def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
-    """A trained model from a vitslim training checkpoint, patched as it was trained, in eval mode."""
-    return restore_model(read_checkpoint(path), model).eval()
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, training: bool = False) -> nn.Module:
+    """A trained model from a vitslim training checkpoint, patched as trained, in eval mode.
+
+    Training-only modules (SiT's reverse modules) are dropped unless ``training=True``.
+    """
+    from vitslim.patch import strip_training_modules
+
+    model = restore_model(read_checkpoint(path), model)
+    return (model if training else strip_training_modules(model)).eval()
