@@ -140,7 +140,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     group = p.add_argument_group("training options (default: the recipe's, else TrainConfig's)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("recipe", "notes"):
+        if f.name == "recipe":
             continue
         text = str(f.type)
         kind = _FIELD_TYPES[text.replace(" | None", "")]

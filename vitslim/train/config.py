@@ -9,7 +9,7 @@ recipe and overrides what the caller gives. Recipes copy the published ImageNet 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vitslim.errors import VitslimError
@@ -65,7 +65,6 @@ class TrainConfig:
     log_every: int = 20  # steps between JSONL step records
     find_unused_parameters: bool = False  # DDP: for methods whose modules skip some steps
     recipe: str | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

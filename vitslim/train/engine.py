@@ -350,7 +350,7 @@ def _dataset(data: Any, split: str, model: nn.Module, augment: dict | None, limi
 
 def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
     saved = payload.get("config", {})
-    ignore = {"workers", "device", "log_every", "eval_every", "checkpoint_every", "notes"}
+    ignore = {"workers", "device", "log_every", "eval_every", "checkpoint_every"}
     now = config.to_dict()
     differ = sorted(k for k in now if k not in ignore and k in saved and saved[k] != now[k])
     if differ:
