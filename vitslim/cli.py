@@ -131,6 +131,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-before", action="store_true", help="also evaluate before the first step")
     p.add_argument("--method", help="patch with this method before training")
     p.add_argument("--macs", type=float, help="MACs budget for --method")
+    p.add_argument("--latency-ms", type=float,
+                   help="spvit: choose the keep rates for this batch-1 latency measured on this machine")
     p.add_argument("--option", type=_option, action="append", default=[], help="method option key=value")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; flags below override it")
     p.add_argument("--teacher", default="auto", choices=["auto", "dense", "none"],
@@ -250,7 +252,13 @@ def _run_train(args: argparse.Namespace) -> int:
     want_teacher = args.teacher == "dense" or (args.teacher == "auto" and (
         config.kd_weight > 0 or getattr(method_cls, "distills_tokens", False)))
     teacher = teacher_copy(model) if want_teacher else None
-    if args.method:
+    if args.latency_ms is not None:
+        if args.method != "spvit" or args.macs is not None:
+            raise VitslimError("--latency-ms goes with --method spvit (and without --macs)")
+        from vitslim.methods.spvit import fit_latency
+
+        fit_latency(model, args.latency_ms, threads=args.threads, **{k: v for _, k, v in args.option})
+    elif args.method:
         options = {key: value for _, key, value in args.option}
         vitslim.patch(model, args.method, macs=args.macs, **options)
     elif args.macs or args.option:

@@ -63,14 +63,36 @@ def check_input(model: nn.Module, images: Tensor) -> None:
         )
 
 
-def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool):
-    """timm Attention's forward with an additive bias, optionally exposing q and k."""
+POLICY_EPS = 1e-6  # SPViT/DynamicViT's masked softmax: (e_ij + eps/N) / (sum_k e_ik + eps)
+
+
+def _policy_attention(logits: Tensor, policy: Tensor) -> Tensor:
+    """Softmax with masked keys as a product (so gradients reach the keep decisions); the diagonal is kept."""
+    n = logits.shape[-1]
+    keep = policy[:, None, None, :].to(logits.dtype)
+    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+    keep = keep + (1.0 - keep) * eye  # a masked token still attends to itself
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
+    return (e + POLICY_EPS / n) / (e.sum(dim=-1, keepdim=True) + POLICY_EPS)
+
+
+def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None):
+    """timm Attention's forward with an additive bias, optionally exposing q and k.
+
+    With a training ``policy`` (B, N) the attention is explicit and multiplicatively masked, as in
+    SPViT and DynamicViT: an additive -inf mask would stop the gradient to the keep decisions.
+    """
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
+    if policy is not None:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        out = attn.attn_drop(_policy_attention(logits, policy)) @ v
+    elif attn.fused_attn:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0,
             scale=attn.scale,
@@ -87,8 +109,8 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool)
     return out, (q, k) if want_info else None
 
 
-def _attn_residual(blk: Block, x: Tensor, bias: Tensor | None, want_info: bool):
-    out, qk = _attention(blk.attn, blk.norm1(x), bias, want_info)
+def _attn_residual(blk: Block, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None):
+    out, qk = _attention(blk.attn, blk.norm1(x), bias, want_info, policy)
     return x + blk.drop_path1(blk.ls1(out)), qk
 
 
@@ -104,9 +126,10 @@ def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: 
     if state.trace is not None:
         state.trace.append((state.x.shape[1], -1))
     if ckpt:
-        state.x, qk = checkpoint(_attn_residual, blk, state.x, bias, reducer is not None, use_reentrant=False)
+        state.x, qk = checkpoint(_attn_residual, blk, state.x, bias, reducer is not None, state.policy,
+                                 use_reentrant=False)
     else:
-        state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None)
+        state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None, state.policy)
     if reducer is not None:
         state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias))
     if state.trace is not None:
@@ -144,6 +167,8 @@ class VitslimMixin:
         for blk, reducer in zip(self.blocks, self._vitslim_plan):
             state = block_forward(blk, state, reducer, ckpt)
         state.x = self.norm(state.x)
+        for reducer in self.vitslim_reducers.values():
+            state = reducer.after_model(state)
         return state
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:

@@ -16,7 +16,7 @@ from vitslim.errors import VitslimError
 from vitslim.tokens import TokenState
 
 _REGISTRY: dict[str, type["Method"]] = {}
-_BUILTIN = ("tome", "evit", "topk", "sit")
+_BUILTIN = ("tome", "evit", "topk", "sit", "spvit")
 
 
 class AttnInfo:
@@ -61,6 +61,10 @@ class Reducer(nn.Module):
 
     def after_block(self, state: TokenState) -> TokenState:
         """Called with the block's output tokens."""
+        return state
+
+    def after_model(self, state: TokenState) -> TokenState:
+        """Called once after the final norm (e.g. to ask for distillation of the final tokens)."""
         return state
 
 

@@ -1,0 +1,219 @@
+"""SPViT (Kong et al., ECCV 2022): multi-head token selector, package token, soft pruning to a budget.
+
+Before each chosen block (DeiT: 3, 6, 9) a selector scores the patch-side tokens:
+- per head h, one scorer (shared by all heads, as in the official code) on that head's d
+  channels: u = GELU(Linear(LN(x_h))); [local half, policy-weighted mean of the global half] ->
+  Linear d -> d/2 -> d/4 -> 2 with GELU, giving keep/drop logits;
+- per-token head weights from a squeeze-excite branch over the heads' channel means
+  (Linear H -> H/2 -> H, sigmoid); decision logits S = sum_h w_h log_softmax(l_h) / sum_h w_h and
+  keep probabilities P = sum_h w_h softmax(l_h)[keep] / sum_h w_h.
+
+Training (shapes fixed): keep = Gumbel-softmax(S, hard, straight-through) x previous policy; the
+newly dropped tokens are packed into one package token sum_j P_j x_j (keep-probability weighted,
+not normalised) appended at the end; every later block masks the dropped keys (multiplicatively,
+so the selector gets gradients through attention; see ``vitslim.patch``). The ratio loss
+2/S * (mean keep over the original patches and the batch - target)^2 per stage and the token
+distillation of the final-norm patch tokens kept at the last stage go to the training engine.
+
+Inference (ours; the official code only masks, or gathers at batch 1 with a mean package token):
+deterministic top-K per image with K_s = int(n0 * target_s) patch tokens alive after stage s, a
+real gather in raster order, and the package token built with the training formula. Shapes are
+static for a given budget, so any batch size works and the speed-up is real.
+
+Budgets: ``keep_rate`` is one rho (targets rho, rho^2, rho^3) or the cumulative targets per stage;
+``macs=`` searches rho; ``fit_latency`` searches rho for a measured latency on this machine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitslim.errors import VitslimError
+from vitslim.methods import (Method, Reducer, check_locations, check_rate, default_locations, register,
+                             reject_unknown)
+from vitslim.tokens import TokenState, keep_tokens
+
+_RATE_STEP = 0.005
+RATIO_WEIGHT = 2.0  # official --ratiow, divided by the number of stages
+
+
+class TokenSelector(nn.Module):
+    """Keep/drop logits per token from per-head scorers (weights shared across heads) and head weights."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        d = dim // num_heads
+        self.num_heads, self.head_dim = num_heads, d
+        self.norm = nn.LayerNorm(d)
+        self.in_proj = nn.Linear(d, d)
+        self.out = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, d // 4), nn.GELU(),
+                                 nn.Linear(d // 4, 2))
+        hidden = max(1, num_heads // 2)
+        self.head_weights = nn.Sequential(nn.Linear(num_heads, hidden), nn.GELU(), nn.Linear(hidden, num_heads),
+                                          nn.Sigmoid())
+
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decision log-probabilities S (B, n, 2; channel 0 = keep) and keep probabilities P (B, n)."""
+        batch, n, _ = x.shape
+        xh = x.reshape(batch, n, self.num_heads, self.head_dim)
+        w = self.head_weights(xh.mean(-1))  # (B, n, H)
+        u = F.gelu(self.in_proj(self.norm(xh)))  # (B, n, H, d)
+        half = self.head_dim // 2
+        local, glob = u[..., :half], u[..., half:]
+        if policy is None:
+            glob = glob.mean(1, keepdim=True)
+        else:
+            pw = policy.to(u.dtype)[:, :, None, None]
+            glob = (glob * pw).sum(1, keepdim=True) / pw.sum(1, keepdim=True).clamp_min(1e-6)
+        logits = self.out(torch.cat([local, glob.expand(-1, n, -1, -1)], dim=-1))  # (B, n, H, 2)
+        norm = w.sum(-1, keepdim=True)
+        decision = (w[..., None] * logits.log_softmax(-1)).sum(2) / norm
+        keep_prob = (w * logits.softmax(-1)[..., 0]).sum(2) / norm[..., 0]
+        return decision, keep_prob
+
+
+class SelectorStage(Reducer):
+    """One SPViT stage before a block: masks (training) or gathers (inference), adds a package token."""
+
+    def __init__(self, dim: int, num_heads: int, stage: int, num_stages: int, target: float, n0: int,
+                 last: bool):
+        super().__init__()
+        self.selector = TokenSelector(dim, num_heads)
+        self.stage, self.num_stages, self.target, self.n0, self.last = stage, num_stages, target, n0, last
+        self.keep_count = max(1, int(n0 * target + 1e-9))
+
+    def before_block(self, state: TokenState) -> TokenState:
+        """Select before the block."""
+        return self._train(state) if self.training else self._infer(state)
+
+    def _train(self, state: TokenState) -> TokenState:
+        from vitslim.train.losses import AuxLoss
+
+        p, x = state.num_prefix, state.x
+        batch, n_all = x.shape[0], x.shape[1]
+        side = x[:, p:]  # n0 patches + the package tokens of earlier stages
+        prev = state.policy[:, p:] if state.policy is not None else side.new_ones(batch, n_all - p)
+        decision, keep_prob = self.selector(side, prev)
+        keep = F.gumbel_softmax(decision, tau=1.0, hard=True)[..., 0] * prev
+        packages = torch.zeros_like(keep)
+        packages[:, self.n0:] = 1.0
+        keep = keep * (1 - packages) + packages  # earlier package tokens always stay
+        dropped = prev - keep
+        package = torch.nan_to_num((keep_prob * dropped).unsqueeze(1) @ side)  # (B, 1, C)
+        state.x = torch.cat([x, package], dim=1)
+        ones = x.new_ones(batch, p)
+        state.policy = torch.cat([ones, keep, x.new_ones(batch, 1)], dim=1)
+        state.keep.append(keep[:, :self.n0])
+        ratio = keep[:, :self.n0].mean()  # over the original patches and the whole batch (official)
+        state.aux.append(AuxLoss("ratio", RATIO_WEIGHT / self.num_stages * (ratio - self.target) ** 2))
+        return state
+
+    def _infer(self, state: TokenState) -> TokenState:
+        p = state.num_prefix
+        side = state.x[:, p:]
+        alive = side.shape[1] - self.stage  # patch tokens still here; the rest are earlier package tokens
+        _, keep_prob = self.selector(side)
+        k = min(self.keep_count, alive)
+        idx = keep_prob[:, :alive].topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        batch = side.shape[0]
+        earlier = torch.arange(alive, side.shape[1], device=side.device).expand(batch, -1)
+        return keep_tokens(state, torch.cat([idx, earlier], dim=1), fuse_weights=keep_prob)
+
+    def after_model(self, state: TokenState) -> TokenState:
+        """Training, last stage: distil the final-norm patch tokens that are kept, from the teacher."""
+        if self.training and self.last and state.keep:
+            from vitslim.train.losses import FINAL, TokenTarget
+
+            p = state.num_prefix
+            state.aux.append(TokenTarget(state.x[:, p:p + self.n0], FINAL, weight=1.0,
+                                         mask=state.keep[-1] > 0.5, name="token"))
+        return state
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, target={self.target}, keep_count={self.keep_count}"
+
+
+def keep_targets(keep_rate: Any, stages: int) -> list[float]:
+    """Cumulative keep targets per stage: one rho gives rho, rho^2, ...; a list is taken as the targets."""
+    if isinstance(keep_rate, (list, tuple)):
+        targets = [check_rate("keep_rate", r) for r in keep_rate]
+        if len(targets) != stages:
+            raise VitslimError(f"{len(targets)} keep targets for {stages} selector locations")
+        if any(b > a for a, b in zip(targets, targets[1:])):
+            raise VitslimError(f"keep targets are cumulative fractions of the patches and must not grow: {targets}")
+        return targets
+    rho = check_rate("keep_rate", keep_rate)
+    return [round(rho ** (s + 1), 6) for s in range(stages)]
+
+
+@register
+class SPViT(Method):
+    """Multi-head token selector + package token before a few blocks; knob ``keep_rate`` (rho or targets)."""
+
+    name = "spvit"
+    distills_tokens = True
+
+    def resolve(self, model: nn.Module, keep_rate: Any = 0.7, locations: Any = None, latency_ms: Any = None,
+                **extra: Any) -> dict[str, Any]:
+        reject_unknown(self.name, extra, "keep_rate, locations (and latency_ms, recorded by fit_latency)")
+        depth = len(model.blocks)
+        locs = default_locations(depth) if locations is None else check_locations(locations, depth)
+        if locs[0] == 0:
+            raise VitslimError("spvit selects between blocks: locations must be >= 1")
+        options = {"keep_rate": keep_targets(keep_rate, len(locs)), "locations": locs}
+        if latency_ms is not None:
+            options["latency_ms"] = latency_ms
+        return options
+
+    def reducers(self) -> dict[int, Reducer]:
+        m = self.model
+        n0 = m.patch_embed.num_patches
+        locs, targets = self.options["locations"], self.options["keep_rate"]
+        heads = m.blocks[0].attn.num_heads
+        return {block: SelectorStage(m.embed_dim, heads, s, len(locs), t, n0, last=s == len(locs) - 1)
+                for s, (block, t) in enumerate(zip(locs, targets))}
+
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        return round(1.0 / _RATE_STEP) - 1
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        if "keep_rate" in options:
+            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
+        return {"keep_rate": round(1.0 - level * _RATE_STEP, 6), **options}
+
+
+def fit_latency(model: nn.Module, latency_ms: float, *, threads: int = 2, runs: int = 20,
+                **options: Any) -> nn.Module:
+    """Patch ``model`` with the largest rho whose measured batch-1 latency here is at most ``latency_ms``.
+
+    A bisection over rho with ``vitslim.measure.latency`` on this machine; the measured latency
+    is recorded in the options as ``latency_ms``.
+    """
+    import vitslim
+    from vitslim.measure.speed import latency
+
+    def measured(level: int) -> float:
+        vitslim.patch(model, "spvit", **SPViT.options_for_level(model, level, **options))
+        return latency(model.eval(), runs=runs, threads=threads)["median_ms"]
+
+    lo, hi = 0, SPViT.max_level(model)
+    fastest = measured(hi)
+    if fastest > latency_ms:
+        raise VitslimError(f"latency {latency_ms} ms is out of reach: the strongest spvit setting takes "
+                           f"{fastest:.2f} ms here (batch 1, {threads} threads)")
+    if measured(lo) <= latency_ms:
+        hi = lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measured(mid) > latency_ms:
+            lo = mid
+        else:
+            hi = mid
+    ms = measured(hi)
+    vitslim.patch(model, "spvit", **SPViT.options_for_level(model, hi, **options), latency_ms=round(ms, 3))
+    return model
