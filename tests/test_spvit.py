@@ -134,3 +134,11 @@ def test_latency_budget_records_what_it_measured():
     assert options["keep_rate"] == [1.0, 1.0, 1.0] and 0 < options["latency_ms"] < 1e6
     with pytest.raises(vitslim.VitslimError, match="out of reach"):
         fit_latency(tiny_vit(), 1e-6, runs=5)
+
+
+def test_cli_latency_budget_needs_spvit(capsys):
+    from vitslim.cli import main
+
+    assert main(["train", "--model", "vit_tiny_patch16_224", "--data", "cifar10", "--method", "tome",
+                 "--latency-ms", "5"]) == 2
+    assert "--latency-ms goes with --method spvit" in capsys.readouterr().err

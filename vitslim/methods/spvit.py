@@ -84,6 +84,7 @@ class SelectorStage(Reducer):
         self.selector = TokenSelector(dim, num_heads)
         self.stage, self.num_stages, self.target, self.n0, self.last = stage, num_stages, target, n0, last
         self.keep_count = max(1, int(n0 * target + 1e-9))
+        self.gumbel = True  # False: masked forward with argmax decisions (a diagnostic of the official eval)
 
     def before_block(self, state: TokenState) -> TokenState:
         """Select before the block."""
@@ -97,7 +98,10 @@ class SelectorStage(Reducer):
         side = x[:, p:]  # n0 patches + the package tokens of earlier stages
         prev = state.policy[:, p:] if state.policy is not None else side.new_ones(batch, n_all - p)
         decision, keep_prob = self.selector(side, prev)
-        keep = F.gumbel_softmax(decision, tau=1.0, hard=True)[..., 0] * prev
+        if self.gumbel:
+            keep = F.gumbel_softmax(decision, tau=1.0, hard=True)[..., 0] * prev
+        else:
+            keep = (decision[..., 0] >= decision[..., 1]).to(prev.dtype) * prev
         packages = torch.zeros_like(keep)
         packages[:, self.n0:] = 1.0
         keep = keep * (1 - packages) + packages  # earlier package tokens always stay
