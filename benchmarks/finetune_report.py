@@ -16,7 +16,7 @@ def row(run: pathlib.Path, dense_macs: float) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     model = vitslim.load(run / "last.pt")
     history = summary["history"]
-    before = next(r for r in history if r["event"] == "eval")
+    before = next((r for r in history if r["event"] == "eval"), {"top1": None})  # None: run without --eval-before
     after = summary["final"]
     epochs = [r for r in history if r["event"] == "epoch"]
     return {
@@ -48,7 +48,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     control = rows[0]["top1_after"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['gmacs']:.4f} | {r['macs_fraction']:.3f} | {r['top1_before']:.2%} | "
+        before = "-" if r["top1_before"] is None else f"{r['top1_before']:.2%}"
+        lines.append(f"| {r['run']} | {r['gmacs']:.4f} | {r['macs_fraction']:.3f} | {before} | "
                      f"{r['top1_after']:.2%} | {100 * (r['top1_after'] - ref):+.2f} pts | "
                      f"{100 * (r['top1_after'] - control):+.2f} pts | {r['steps']} |")
     lines += ["", "Commands (one per run):", ""] + [f"    {r['command']}" for r in rows] + [""]
