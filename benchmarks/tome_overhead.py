@@ -7,7 +7,6 @@ Also times the two ways of gathering tokens (``gather`` with an expanded index v
 """
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import sys

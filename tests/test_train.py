@@ -1,9 +1,7 @@
 """The training engine: losses against hand-computed values, groups and schedule, checkpoints, resume, DDP."""
 import json
-import math
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
