@@ -5,15 +5,7 @@
 # FRD (no reverse modules); beside ToMe and EViT with the same budget (CE + 0.5 KD). The dense model
 # is the teacher everywhere, and a dense run with the same budget is the control. About 45 minutes on 2 CPU cores.
 # Results: benchmarks/results/sit_cifar10.{md,json}.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-[ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ] && . .venv/bin/activate
-export HF_HUB_OFFLINE=1
-MODEL=../shared/models/cifar10-vit-d12w128
-OUT=${OUT:-vitslim-out/sit_cifar10}
-COMMON=(--model "$MODEL" --data cifar10 --max-steps 200 --batch-size 128 --lr 2e-4 --warmup-epochs 0.05
-        --min-lr 1e-6 --weight-decay 0.05 --label-smoothing 0.1 --teacher dense --precision bf16
-        --threads 2 --seed 0 --eval-before --no-progress)
+. "$(dirname "$0")/short_finetune.sh"
 vitslim train "${COMMON[@]}" --kd-weight 0.5 --kd-mode convex --out "$OUT/dense"
 runs=(dense)
 for macs in 0.5 0.7; do

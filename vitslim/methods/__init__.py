@@ -103,6 +103,27 @@ class Method:
         return options
 
 
+class KeepRateLevels:
+    """Budget levels for methods whose knob is a ``keep_rate``: 1.0, 0.995, 0.99, ... (mixed into a Method).
+
+    Steps of 0.005 are fine enough for ``macs=`` to land within 2% of a target.
+    """
+
+    RATE_STEP: ClassVar[float] = 0.005
+
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        """Levels down to keep_rate = RATE_STEP."""
+        return round(1.0 / cls.RATE_STEP) - 1
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        """keep_rate = 1 - level * RATE_STEP (a given keep_rate conflicts with macs=)."""
+        if "keep_rate" in options:
+            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
+        return {"keep_rate": round(1.0 - level * cls.RATE_STEP, 6), **options}
+
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available to ``vitslim.patch`` by its ``name``."""
     _REGISTRY[cls.name] = cls

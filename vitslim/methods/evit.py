@@ -14,11 +14,10 @@ from typing import Any
 from torch import nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (AttnInfo, Method, Reducer, check_locations, check_rate,
+from vitslim.methods import (AttnInfo, KeepRateLevels, Method, Reducer, check_locations, check_rate,
                              default_locations, register, reject_unknown)
 from vitslim.tokens import TokenState, keep_tokens
 
-_RATE_STEP = 0.005  # budget levels: keep_rate 1.0, 0.995, ... (fine enough to land within 2%)
 
 
 class AttentiveKeep(Reducer):
@@ -46,7 +45,7 @@ class AttentiveKeep(Reducer):
 
 
 @register
-class EViT(Method):
+class EViT(KeepRateLevels, Method):
     """Attentive-token keeping at a few blocks; knob ``keep_rate`` (one value or one per location)."""
 
     name = "evit"
@@ -75,12 +74,3 @@ class EViT(Method):
         return {i: AttentiveKeep(r, self.fuse, self.options["keep_order"])
                 for i, r in zip(locs, rates) if r < 1.0}
 
-    @classmethod
-    def max_level(cls, model: nn.Module, **options: Any) -> int:
-        return round(1.0 / _RATE_STEP) - 1
-
-    @classmethod
-    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
-        if "keep_rate" in options:
-            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
-        return {"keep_rate": round(1.0 - level * _RATE_STEP, 6), **options}

@@ -31,11 +31,10 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (Method, Reducer, check_locations, check_rate, default_locations, register,
-                             reject_unknown)
+from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rate, default_locations,
+                             register, reject_unknown)
 from vitslim.tokens import TokenState, remap_source
 
-_RATE_STEP = 0.005
 REVERSE_LR_SCALE = 5.0  # the official RTSM parameter group's lr multiplier
 
 
@@ -132,7 +131,7 @@ def stage_counts(n0: int, rates: list[float]) -> list[int]:
 
 
 @register
-class SiT(Method):
+class SiT(KeepRateLevels, Method):
     """Soft token slimming (TSM) before a few blocks; ``reverse=True`` adds the training-only RTSM + FRD."""
 
     name = "sit"
@@ -184,15 +183,6 @@ class SiT(Method):
                 reducers[block] = SiTReducer(block, depth, slimmer, None, frd=False)
         return reducers
 
-    @classmethod
-    def max_level(cls, model: nn.Module, **options: Any) -> int:
-        return round(1.0 / _RATE_STEP) - 1
-
-    @classmethod
-    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
-        if "keep_rate" in options:
-            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
-        return {"keep_rate": round(1.0 - level * _RATE_STEP, 6), **options}
 
     @classmethod
     def inference_options(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (Method, Reducer, check_locations, check_rate, default_locations, register,
-                             reject_unknown)
+from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rate, default_locations,
+                             register, reject_unknown)
 from vitslim.tokens import TokenState, keep_tokens
 
-_RATE_STEP = 0.005
 RATIO_WEIGHT = 2.0  # official --ratiow, divided by the number of stages
 
 
@@ -154,7 +153,7 @@ def keep_targets(keep_rate: Any, stages: int) -> list[float]:
 
 
 @register
-class SPViT(Method):
+class SPViT(KeepRateLevels, Method):
     """Multi-head token selector + package token before a few blocks; knob ``keep_rate`` (rho or targets)."""
 
     name = "spvit"
@@ -180,15 +179,6 @@ class SPViT(Method):
         return {block: SelectorStage(m.embed_dim, heads, s, len(locs), t, n0, last=s == len(locs) - 1)
                 for s, (block, t) in enumerate(zip(locs, targets))}
 
-    @classmethod
-    def max_level(cls, model: nn.Module, **options: Any) -> int:
-        return round(1.0 / _RATE_STEP) - 1
-
-    @classmethod
-    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
-        if "keep_rate" in options:
-            raise VitslimError(f"give {cls.name} either keep_rate or macs=, not both")
-        return {"keep_rate": round(1.0 - level * _RATE_STEP, 6), **options}
 
 
 def fit_latency(model: nn.Module, latency_ms: float, *, threads: int = 2, runs: int = 20,
