@@ -170,6 +170,20 @@ def check_rate(name: str, value: Any) -> float:
     return value
 
 
+def check_rates(keep_rate: Any, locations: list[int]) -> float | list[float]:
+    """One keep rate, or one per location (kept as a list only when they differ), each in (0, 1]."""
+    rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locations)
+    if len(rates) != len(locations):
+        raise VitslimError(f"{len(rates)} keep rates for {len(locations)} locations {locations}")
+    rates = [check_rate("keep_rate", r) for r in rates]
+    return rates if len(set(rates)) > 1 else rates[0]
+
+
+def rates_per_location(keep_rate: float | list[float], locations: list[int]) -> list[float]:
+    """The resolved keep_rate option as one rate per location."""
+    return keep_rate if isinstance(keep_rate, list) else [keep_rate] * len(locations)
+
+
 def default_locations(depth: int) -> list[int]:
     """Reduction blocks at a quarter, half and three quarters of the depth (DeiT: 3, 6, 9)."""
     return sorted({max(1, depth // 4), depth // 2, (3 * depth) // 4})

@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (AttnInfo, KeepRateLevels, Method, Reducer, check_locations, check_rate,
-                             default_locations, register, reject_unknown)
+from vitslim.methods import (AttnInfo, KeepRateLevels, Method, Reducer, check_locations, check_rates,
+                             default_locations, rates_per_location, register, reject_unknown)
 from vitslim.tokens import TokenState, keep_tokens
 
 
@@ -61,16 +61,12 @@ class EViT(KeepRateLevels, Method):
             )
         depth = len(model.blocks)
         locs = default_locations(depth) if locations is None else check_locations(locations, depth)
-        rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locs)
-        if len(rates) != len(locs):
-            raise VitslimError(f"{len(rates)} keep rates for {len(locs)} locations {locs}")
-        rates = [check_rate("keep_rate", r) for r in rates]
-        return {"keep_rate": rates if len(set(rates)) > 1 else rates[0], "locations": locs,
+        return {"keep_rate": check_rates(keep_rate, locs), "locations": locs,
                 "keep_order": bool(keep_order)}
 
     def reducers(self) -> dict[int, Reducer]:
         locs, rates = self.options["locations"], self.options["keep_rate"]
-        rates = rates if isinstance(rates, list) else [rates] * len(locs)
+        rates = rates_per_location(rates, locs)
         return {i: AttentiveKeep(r, self.fuse, self.options["keep_order"])
                 for i, r in zip(locs, rates) if r < 1.0}
 

@@ -31,8 +31,8 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rate, default_locations,
-                             register, reject_unknown)
+from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rates, default_locations,
+                             rates_per_location, register, reject_unknown)
 from vitslim.tokens import TokenState, remap_source
 
 REVERSE_LR_SCALE = 5.0  # the official RTSM parameter group's lr multiplier
@@ -145,17 +145,13 @@ class SiT(KeepRateLevels, Method):
         if locs[0] == 0:
             raise VitslimError("sit slims between blocks: locations must be >= 1 (a TSM before block 0 would "
                                "slim the raw patch embeddings)")
-        rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(locs)
-        if len(rates) != len(locs):
-            raise VitslimError(f"{len(rates)} keep rates for {len(locs)} locations {locs}")
-        rates = [check_rate("keep_rate", r) for r in rates]
-        return {"keep_rate": rates if len(set(rates)) > 1 else rates[0], "locations": locs,
+        return {"keep_rate": check_rates(keep_rate, locs), "locations": locs,
                 "reverse": bool(reverse)}
 
     def schedule(self) -> list[tuple[int, int, int]]:
         """(block, tokens in, tokens out) for every slim that changes the count."""
         locs, rates = self.options["locations"], self.options["keep_rate"]
-        rates = rates if isinstance(rates, list) else [rates] * len(locs)
+        rates = rates_per_location(rates, locs)
         n = self.model.patch_embed.num_patches
         out, current = [], n
         for block, count in zip(locs, stage_counts(n, rates)):
