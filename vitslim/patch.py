@@ -248,6 +248,7 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
           **options: Any) -> nn.Module:
     """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs."""
     check_supported(model)  # a patched model still is its original class, blocks untouched
+    options = get_method(method).prepare(model, dict(options))
     if macs is None:
         return _attach(model, method, options, prop_attn)
     from vitslim.measure.macs import count_macs

@@ -98,6 +98,14 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+        """Turn data-dependent options (e.g. ``calibration=``) into plain ones, once per ``patch`` call.
+
+        Runs before the budget search, so a costly calibration pass is not repeated per level.
+        """
+        return options
+
+    @classmethod
     def inference_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """Options of the deployable model (without training-only modules, e.g. SiT's reverse modules)."""
         return options
