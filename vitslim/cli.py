@@ -5,6 +5,8 @@
     vitslim eval      top-1/top-5 of a (patched) model on a dataset
     vitslim train     fine-tune a (patched) model, with distillation from the dense model;
                       many processes: torchrun --nproc_per_node N -m vitslim train ...
+    vitslim calibrate Prune-and-Merge's scoring pass on data: saves the scores and prints the plan
+                      (then: --method prune_merge --option scores=FILE)
 """
 from __future__ import annotations
 
@@ -94,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="method option key=value (repeatable)")
     train = sub.add_parser("train", help="fine-tune a (patched) model with distillation; checkpoints, resume, DDP")
     _add_train_args(train)
+    calibrate = sub.add_parser("calibrate", help="Prune-and-Merge scoring pass on data: scores file + plan")
+    _add_model_args(calibrate)
+    calibrate.add_argument("--data", help="calibration data (default: digits for the default model)")
+    calibrate.add_argument("--split", default="train", help="split to calibrate on (default train)")
+    calibrate.add_argument("--limit", type=int, help="use only this many images (evenly spread over classes)")
+    calibrate.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    calibrate.add_argument("--iters", type=int, default=50, help="batches (default 50; the official pass: 250 of 256)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    calibrate.add_argument("--macs", type=float, help="print the plan for this MACs budget")
+    calibrate.add_argument("--option", type=_option, action="append", default=[],
+                           help="prune_merge option for the printed plan, e.g. keep_rate=0.6 (repeatable)")
+    calibrate.add_argument("--out", default="vitslim-out/prune_merge_scores.safetensors", help="scores file")
+    calibrate.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -281,6 +296,39 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import vitslim
+    from vitslim.methods.prune_merge import calibrate, save_scores
+    from vitslim.train.data import build_loader
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    data = args.data or _default_data(args, model)
+    if data is None:
+        raise VitslimError("give --data (images to calibrate on) for a model other than the default")
+    loader = build_loader(data, args.split, model=model, batch_size=args.batch_size, limit=args.limit,
+                          shuffle=True, seed=args.seed)
+    scores = calibrate(model, loader, iters=args.iters, seed=args.seed, progress=not args.no_progress)
+    images = min(args.iters * args.batch_size, len(loader.dataset))
+    command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
+    path = save_scores(args.out, scores, model=args.model, data=data, split=args.split, images=images,
+                       command=command)
+    options = {key: value for _, key, value in args.option}
+    dense = vitslim.count_macs(model)
+    vitslim.patch(model, "prune_merge", macs=args.macs, scores=scores, **options)
+    plan = model.vitslim_config["options"]
+    print(f"scores of {len(scores)} blocks from {images} images -> {path}")
+    print(f"plan at keep_rate {plan['keep_rate']}, prune_rate {plan['prune_rate']} "
+          f"({vitslim.count_macs(model) / dense:.3f} of the dense MACs):")
+    print("  centres per block: " + " ".join(str(t) for t in plan["tokens"]))
+    print("  pruned per block:  " + " ".join(str(t) for t in plan["pruned"]))
+    print(f"use it: --method prune_merge --option scores={path} (with --macs or --option keep_rate=...)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitslim`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -292,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_eval(args)
         if args.command == "train":
             return _run_train(args)
+        if args.command == "calibrate":
+            return _run_calibrate(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ class TokenState:
     keep: list[Tensor] = field(default_factory=list)  # training-time keep masks, per reduction
     policy: Tensor | None = None  # training: (B, N) 1 = token kept, 0 = masked out of attention (SPViT)
     aux: list[Any] = field(default_factory=list)  # extra losses methods add while training
+    scratch: dict[str, Any] = field(default_factory=dict)  # a reducer's values between its hooks in one block
     trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
 
     @property

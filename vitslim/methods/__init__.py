@@ -16,7 +16,7 @@ from vitslim.errors import VitslimError
 from vitslim.tokens import TokenState
 
 _REGISTRY: dict[str, type["Method"]] = {}
-_BUILTIN = ("tome", "evit", "topk", "sit", "spvit")
+_BUILTIN = ("tome", "evit", "topk", "sit", "spvit", "prune_merge")
 
 
 class AttnInfo:

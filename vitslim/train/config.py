@@ -37,6 +37,8 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # lr multiplier for the original model's parameters (SPViT: 0.01)
     freeze_backbone_epochs: int = 0  # backbone lr is 0 for these first epochs (SPViT: 5)
     freeze_tokens: bool = False  # cls/dist/register tokens and pos_embed stay fixed (SPViT)
+    lr_groups: str = "uniform"  # "as_released": Prune-and-Merge's released optimizer, where only the
+    # no-decay group gets the scheduled lr and every decayed weight (M and R too) stays at 1e-6
     # losses
     label_smoothing: float = 0.0
     kd_weight: float = 0.0  # logit distillation from the teacher; 0 = off
@@ -82,6 +84,7 @@ class TrainConfig:
             (self.kd_weight >= 0 and self.kd_tau > 0, "kd_weight must be >= 0 and kd_tau > 0"),
             (self.kd_mode in ("add", "convex"), "kd_mode must be 'add' or 'convex'"),
             (self.kd_norm in ("batch", "elements"), "kd_norm must be 'batch' or 'elements'"),
+            (self.lr_groups in ("uniform", "as_released"), "lr_groups must be 'uniform' or 'as_released'"),
             (self.crop in ("auto", "rrc", "pad"), "crop must be 'auto', 'rrc' or 'pad'"),
             (self.mixup >= 0 and self.cutmix >= 0 and 0 <= self.re_prob <= 1, "mixup/cutmix >= 0, re_prob in [0, 1]"),
             (self.precision in ("fp32", "bf16", "fp16"), "precision must be fp32, bf16 or fp16"),

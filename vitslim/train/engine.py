@@ -14,7 +14,8 @@ Design points (each is why something below looks the way it does):
 - **Methods plug in through the forward.** A patched model's training forward returns its
   ``TokenState``; the loss reads ``state.aux`` (``AuxLoss``, ``TokenTarget``: see losses.py).
   Modules may carry ``vitslim_lr_scale`` (e.g. SiT's reverse modules at 5x) and
-  ``vitslim_decay_all`` (weight decay on 1-D parameters too).
+  ``vitslim_decay_all`` (weight decay on 1-D parameters too) or ``vitslim_no_decay`` (none at all,
+  e.g. Prune-and-Merge's merge and reconstruct matrices).
 """
 from __future__ import annotations
 
@@ -225,6 +226,8 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
             scale = config.method_lr_scale if is_method else config.backbone_lr_scale
         decay_all = _module_attr(model, name, "vitslim_decay_all", False)
         decay = config.weight_decay if decay_all or (p.ndim > 1 and name not in skip) else 0.0
+        if _module_attr(model, name, "vitslim_no_decay", False):
+            decay = 0.0
         key = ("method" if is_method else "backbone", float(scale), decay)
         group = groups.setdefault(key, dict(params=[], names=[], kind=key[0], lr_scale=key[1], weight_decay=decay))
         group["params"].append(p)
@@ -234,13 +237,20 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
+AS_RELEASED_LR = 1e-6  # the lr Prune-and-Merge's released optimizer is built with (lr_groups="as_released")
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int,
                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
                                                Callable[[int], float]]:
     """AdamW over ``param_groups``, a per-step schedule (each group: its scale x the base curve), the base curve."""
     groups = param_groups(model, config)
     peak = config.peak_lr
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} | {"lr": peak * g["lr_scale"]}
+    frozen_lr = config.lr_groups == "as_released"  # Prune-and-Merge's released code: decayed weights stay at 1e-6
+    for g in groups:
+        g["constant"] = frozen_lr and g["weight_decay"] > 0
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "constant")}
+                                   | {"lr": AS_RELEASED_LR if g["constant"] else peak * g["lr_scale"]}
                                    for g in groups], lr=peak, betas=config.betas, eps=config.eps)
     warmup = round(config.warmup_epochs * steps_per_epoch)
     frozen_until = config.freeze_backbone_epochs * steps_per_epoch
@@ -248,12 +258,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int,
     def base(step: int) -> float:
         return lr_factor(step, total_steps, warmup, peak, config.min_lr, config.warmup_lr)
 
-    def schedule(kind: str) -> Callable[[int], float]:
+    def schedule(kind: str, constant: bool) -> Callable[[int], float]:
+        if constant:
+            return lambda step: 1.0
         if kind == "backbone" and frozen_until:
             return lambda step: 0.0 if step < frozen_until else base(step)
         return base
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["kind"]) for g in groups])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["kind"], g["constant"]) for g in groups])
     return optimizer, scheduler, lambda step: peak * base(step)
 
 
