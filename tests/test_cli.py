@@ -76,3 +76,24 @@ def test_readme_quick_start_and_ci_run_the_same_test_command():
     assert commands[0].endswith("vitslim compare")
     test_command = commands[1].replace("HF_HUB_OFFLINE=1 ", "")
     assert test_command in ci
+
+
+def test_calibrate_saves_scores_and_plan_that_patch_takes(tmp_path, capsys):
+    import torch
+
+    from vitslim.methods.prune_merge import load_scores
+
+    out = tmp_path / "scores.safetensors"
+    assert main(["calibrate", "--iters", "2", "--batch-size", "8", "--option", "keep_rate=0.5",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "centres per block" in printed and "scores=" in printed
+    scores = load_scores(out)
+    assert scores.ndim == 2 and (scores > 0).any()
+    plan = json.loads(out.with_suffix(".plan.json").read_text())
+    assert plan["options"]["keep_rate"] == 0.5
+    assert sum(len(b["centres"]) for b in plan["blocks"].values()) == sum(plan["options"]["tokens"])
+    assert main(["eval", "--method", "prune_merge", "--option", "keep_rate=0.5", "--option",
+                 f"scores={out}"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert torch.equal(load_scores(out), scores)

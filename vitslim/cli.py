@@ -296,10 +296,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_roles(model) -> dict[str, tuple[list[int], list[int]]]:
+    """Per Prune-and-Merge block: its centre and pruned patch indices."""
+    roles, p = {}, model.num_prefix_tokens
+    for block, reducer in model.vitslim_reducers.items():
+        roles[block] = (reducer.centres.tolist(), reducer.bypass[p:].nonzero().flatten().tolist())
+    return roles
+
+
 def _run_calibrate(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
     import vitslim
+    from vitslim.measure.report import atomic_write
     from vitslim.methods.prune_merge import calibrate, save_scores
     from vitslim.train.data import build_loader
 
@@ -320,7 +331,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     dense = vitslim.count_macs(model)
     vitslim.patch(model, "prune_merge", macs=args.macs, scores=scores, **options)
     plan = model.vitslim_config["options"]
-    print(f"scores of {len(scores)} blocks from {images} images -> {path}")
+    roles = {block: {"centres": reducer_centres, "pruned": reducer_pruned}
+             for block, (reducer_centres, reducer_pruned) in _plan_roles(model).items()}
+    plan_path = path.with_suffix(".plan.json")
+    atomic_write(plan_path, json.dumps({"command": command, "options": plan, "blocks": roles}, indent=1) + "\n")
+    print(f"scores of {len(scores)} blocks from {images} images -> {path}; plan -> {plan_path}")
     print(f"plan at keep_rate {plan['keep_rate']}, prune_rate {plan['prune_rate']} "
           f"({vitslim.count_macs(model) / dense:.3f} of the dense MACs):")
     print("  centres per block: " + " ".join(str(t) for t in plan["tokens"]))

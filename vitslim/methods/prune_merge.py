@@ -151,6 +151,7 @@ def save_scores(path: str | pathlib.Path, scores: Tensor, **info: Any) -> pathli
     from vitslim.measure.report import atomic_write
 
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "vitslim.prune_merge.scores", "info": json.dumps(info, default=str)}
     atomic_write(path, save({"scores": scores.detach().float().cpu().contiguous()}, metadata=meta))
     return path
@@ -252,7 +253,7 @@ def merge_matrix(plan: LayerPlan, grid_width: int, num_prefix: int, row_quirk: b
 class PruneMergeBlock(Reducer):
     """Wraps one block: z = M x; the block runs on z; out = R z + (pruned tokens of x). Full grid in and out."""
 
-    def __init__(self, merge: Tensor, pruned: Tensor, score: Tensor, decay_mr: bool):
+    def __init__(self, merge: Tensor, centres: list[int], pruned: Tensor, score: Tensor, decay_mr: bool):
         super().__init__()
         self.merge = nn.Parameter(merge.float())
         self.reconstruct = nn.Parameter(torch.linalg.pinv(merge).float())
@@ -261,6 +262,7 @@ class PruneMergeBlock(Reducer):
         bypass[n_all - pruned.numel():] = pruned.float()
         self.register_buffer("bypass", bypass)  # 1 = the token skips the block (pruned)
         self.register_buffer("score", score.float())  # the block's search score per patch (for inspection)
+        self.register_buffer("centres", torch.tensor(centres, dtype=torch.long))  # patch indices (for inspection)
         self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
         self.vitslim_no_decay = not decay_mr  # read by the training engine's parameter groups
 
@@ -354,8 +356,8 @@ class PruneMerge(Method):
     def reducers(self) -> dict[int, Reducer]:
         grid_width = self.model.patch_embed.grid_size[1]
         p = self.model.num_prefix_tokens
-        return {block: PruneMergeBlock(merge_matrix(plan, grid_width, p, self.options["row_quirk"]), plan.pruned,
-                                       plan.score, self.options["decay_mr"])
+        return {block: PruneMergeBlock(merge_matrix(plan, grid_width, p, self.options["row_quirk"]), plan.centres,
+                                       plan.pruned, plan.score, self.options["decay_mr"])
                 for block, plan in zip(self.options["blocks"], self.plans)}
 
     # macs=: keep_rate falls from 1 - prune_rate in steps of RATE_STEP (prune_rate stays as given)
