@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="method option key=value (repeatable)")
     train = sub.add_parser("train", help="fine-tune a (patched) model with distillation; checkpoints, resume, DDP")
     _add_train_args(train)
+    exp = sub.add_parser("export", help="slice a CDCP/CAIT training checkpoint into a smaller model (safetensors)")
+    exp.add_argument("checkpoint", help="a vitslim training checkpoint (e.g. OUT/last.pt) patched with cdcp or cait")
+    exp.add_argument("--out", required=True, help="the .safetensors file to write (vitslim.export.load reads it)")
     return parser
 
 
@@ -227,6 +230,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    import vitslim
+    from vitslim import export
+
+    model = vitslim.load(args.checkpoint)
+    slim = export.slim(model)
+    export.save(slim, args.out)
+    params = sum(p.numel() for p in slim.parameters()) / 1e6
+    print(f"wrote {args.out}: {params:.2f} M parameters, {vitslim.count_macs(slim) / 1e9:.4f} GMACs "
+          f"(per-block [head dim, MLP hidden]: {slim.vitslim_channels})")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import json
     import pathlib
@@ -292,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_eval(args)
         if args.command == "train":
             return _run_train(args)
+        if args.command == "export":
+            return _run_export(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)
