@@ -25,6 +25,9 @@ def row(run: pathlib.Path, dense_macs: float) -> dict:
         "top1_before": before["top1"], "top1_after": after["top1"], "n": after["n"], "steps": summary["steps"],
         "train_images_per_s": sum(e["train_images_per_s"] for e in epochs) / len(epochs),
         "train_seconds": sum(e["seconds"] for e in epochs), "command": summary["command"],
+        # CDCP/CAIT runs: top-1 of the exported (sliced) model, written by benchmarks/cait_export_eval.py
+        "top1_exported": (json.loads((run / "exported.json").read_text())["top1"]
+                          if (run / "exported.json").is_file() else None),
     }
 
 
@@ -52,6 +55,11 @@ def main() -> None:
         lines.append(f"| {r['run']} | {r['gmacs']:.4f} | {r['macs_fraction']:.3f} | {before} | "
                      f"{r['top1_after']:.2%} | {100 * (r['top1_after'] - ref):+.2f} pts | "
                      f"{100 * (r['top1_after'] - control):+.2f} pts | {r['steps']} |")
+    exported = [r for r in rows if r["top1_exported"] is not None]
+    if exported:
+        lines += ["", "Exported (sliced, `vitslim.export.slim`) models, fp32 eval:", "",
+                  "| run | top-1 fine-tuned (as trained) | top-1 exported |", "|---|---|---|"]
+        lines += [f"| {r['run']} | {r['top1_after']:.2%} | {r['top1_exported']:.2%} |" for r in exported]
     lines += ["", "Commands (one per run):", ""] + [f"    {r['command']}" for r in rows] + [""]
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write(args.results / f"{args.name}.md", "\n".join(lines))

@@ -5,6 +5,7 @@
     vitslim eval      top-1/top-5 of a (patched) model on a dataset
     vitslim train     fine-tune a (patched) model, with distillation from the dense model;
                       many processes: torchrun --nproc_per_node N -m vitslim train ...
+    vitslim export    slice a CDCP/CAIT checkpoint into a smaller plain model (safetensors)
     vitslim calibrate Prune-and-Merge's scoring pass on data: saves the scores and prints the plan
                       (then: --method prune_merge --option scores=FILE)
 """
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="prune_merge option for the printed plan, e.g. keep_rate=0.6 (repeatable)")
     calibrate.add_argument("--out", default="vitslim-out/prune_merge_scores.safetensors", help="scores file")
     calibrate.add_argument("--no-progress", action="store_true")
+    exp = sub.add_parser("export", help="slice a CDCP/CAIT training checkpoint into a smaller model (safetensors)")
+    exp.add_argument("checkpoint", help="a vitslim training checkpoint (e.g. OUT/last.pt) patched with cdcp or cait")
+    exp.add_argument("--out", required=True, help="the .safetensors file to write (vitslim.export.load reads it)")
     return parser
 
 
@@ -242,6 +246,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    import vitslim
+    from vitslim import export
+
+    model = vitslim.load(args.checkpoint)
+    slim = export.slim(model)
+    export.save(slim, args.out)
+    params = sum(p.numel() for p in slim.parameters()) / 1e6
+    print(f"wrote {args.out}: {params:.2f} M parameters, {vitslim.count_macs(slim) / 1e9:.4f} GMACs "
+          f"(per-block [head dim, MLP hidden]: {slim.vitslim_channels})")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import json
     import pathlib
@@ -357,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args)
         if args.command == "calibrate":
             return _run_calibrate(args)
+        if args.command == "export":
+            return _run_export(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)

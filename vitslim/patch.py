@@ -21,7 +21,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vitslim.errors import VitslimError
-from vitslim.methods import AttnInfo, Reducer, get_method
+from vitslim.methods import AttnInfo, ChannelPlan, Reducer, get_method
 from vitslim.tokens import TokenState, init_source
 
 SUPPORTED = (
@@ -76,16 +76,31 @@ def _policy_attention(logits: Tensor, policy: Tensor) -> Tensor:
     return (e + POLICY_EPS / n) / (e.sum(dim=-1, keepdim=True) + POLICY_EPS)
 
 
-def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None):
+def _qkv(attn: Attention, x: Tensor, channels: ChannelPlan | None) -> Tensor:
+    """attn.qkv(x) as (3, B, H, N, d'): all channels, masked ones (training) or only the kept rows (sliced)."""
+    batch, n, _ = x.shape
+    if channels is not None and channels.qkv_index is not None:
+        w, b = attn.qkv.weight.index_select(0, channels.qkv_index), attn.qkv.bias
+        qkv = F.linear(x, w, None if b is None else b.index_select(0, channels.qkv_index))
+        return qkv.reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = attn.qkv(x)
+    if channels is not None and channels.qkv_mask is not None:
+        qkv = qkv * channels.qkv_mask
+    return qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+
+
+def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None,
+               channels: ChannelPlan | None = None):
     """timm Attention's forward with an additive bias, optionally exposing q and k.
 
     With a training ``policy`` (B, N) the attention is explicit and multiplicatively masked, as in
     SPViT and DynamicViT: an additive -inf mask would stop the gradient to the keep decisions.
+    A ``channels`` plan (CDCP) masks the qkv outputs or computes only the kept ones; the softmax
+    scale stays ``attn.scale`` (the unpruned head dim's, which the weights were trained with).
     """
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = _qkv(attn, x, channels).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if policy is not None:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -102,42 +117,65 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool,
         if bias is not None:
             logits = logits + bias
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, -1))
     if gate is not None:
         out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, (q, k) if want_info else None
+    if channels is not None and channels.v_index is not None:
+        out = F.linear(out, attn.proj.weight.index_select(1, channels.v_index), attn.proj.bias)
+    else:
+        out = attn.proj(out)
+    return attn.proj_drop(out), (q, k) if want_info else None
 
 
-def _attn_residual(blk: Block, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None):
-    out, qk = _attention(blk.attn, blk.norm1(x), bias, want_info, policy)
+def _attn_residual(blk: Block, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None,
+                   channels: ChannelPlan | None = None):
+    out, qk = _attention(blk.attn, blk.norm1(x), bias, want_info, policy, channels)
     return x + blk.drop_path1(blk.ls1(out)), qk
 
 
-def _mlp_residual(blk: Block, x: Tensor) -> Tensor:
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+def _mlp(mlp: nn.Module, x: Tensor, channels: ChannelPlan) -> Tensor:
+    """timm Mlp's forward on the kept hidden channels only (sliced) or with the hidden mask (training)."""
+    idx = channels.mlp_index
+    if idx is not None:
+        b = mlp.fc1.bias
+        h = F.linear(x, mlp.fc1.weight.index_select(0, idx), None if b is None else b.index_select(0, idx))
+    else:
+        h = mlp.fc1(x)
+    h = mlp.act(h)
+    if channels.mlp_mask is not None:
+        h = h * channels.mlp_mask
+    h = mlp.norm(mlp.drop1(h))
+    h = mlp.fc2(h) if idx is None else F.linear(h, mlp.fc2.weight.index_select(1, idx), mlp.fc2.bias)
+    return mlp.drop2(h)
+
+
+def _mlp_residual(blk: Block, x: Tensor, channels: ChannelPlan | None = None) -> Tensor:
+    if channels is None or (channels.mlp_mask is None and channels.mlp_index is None):
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x + blk.drop_path2(blk.ls2(_mlp(blk.mlp, blk.norm2(x), channels)))
 
 
 def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: bool = False) -> TokenState:
-    """One timm Block on a TokenState, with the reducer's three hooks."""
+    """One timm Block on a TokenState, with the reducer's hooks (and its channel plan, if any)."""
     if reducer is not None:
         state = reducer.before_block(state)
     bias = state.attn_bias()
+    channels = reducer.channel_plan() if reducer is not None else None
     if state.trace is not None:
         state.trace.append((state.x.shape[1], -1))
     if ckpt:
-        state.x, qk = checkpoint(_attn_residual, blk, state.x, bias, reducer is not None, state.policy,
+        state.x, qk = checkpoint(_attn_residual, blk, state.x, bias, reducer is not None, state.policy, channels,
                                  use_reentrant=False)
     else:
-        state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None, state.policy)
+        state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None, state.policy, channels)
     if reducer is not None:
         state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias))
     if state.trace is not None:
         state.trace[-1] = (state.trace[-1][0], state.x.shape[1])
     if ckpt:
-        state.x = checkpoint(_mlp_residual, blk, state.x, use_reentrant=False)
+        state.x = checkpoint(_mlp_residual, blk, state.x, channels, use_reentrant=False)
     else:
-        state.x = _mlp_residual(blk, state.x)
+        state.x = _mlp_residual(blk, state.x, channels)
     if reducer is not None:
         state = reducer.after_block(state)
     return state

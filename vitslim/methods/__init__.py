@@ -2,21 +2,22 @@
 
 A method turns options into one ``Reducer`` per block it acts on. A reducer may act at three
 points of a block (see ``vitslim.patch``): ``before_block(state)``, ``after_attn(state, attn)`` and
-``after_block(state)``. Methods with a budget knob also describe it as an integer ``level`` so
+``after_block(state)``; it may also ask for a subset of the block's channels (``channel_plan``).
+Methods with a budget knob also describe it as an integer ``level`` so
 ``patch(..., macs=f)`` can search any of them the same way.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
 from vitslim.tokens import TokenState
 
 _REGISTRY: dict[str, type["Method"]] = {}
-_BUILTIN = ("tome", "evit", "topk", "sit", "spvit", "prune_merge")
+_BUILTIN = ("tome", "evit", "topk", "sit", "spvit", "prune_merge", "atme", "cdcp", "cait")
 
 
 class AttnInfo:
@@ -48,8 +49,26 @@ class AttnInfo:
         return self._cls
 
 
+class ChannelPlan(NamedTuple):
+    """Channels of one block a reducer asks the spine to keep (CDCP); every field None = all channels.
+
+    Masks multiply (training: straight-through masks, gradients reach the scores); indices compute
+    only the kept channels (inference: fewer MACs, and what ``count_macs`` counts).
+    """
+
+    qkv_mask: Tensor | None = None  # (3*H*d,) over attn.qkv's outputs, in timm's (3, H, d) layout
+    mlp_mask: Tensor | None = None  # (hidden,) multiplied into act(fc1 x)
+    qkv_index: Tensor | None = None  # kept rows of attn.qkv, (3, H, d') flattened: equal d' for q, k and v
+    v_index: Tensor | None = None  # kept input columns of attn.proj, (H, d') flattened
+    mlp_index: Tensor | None = None  # kept fc1 rows = fc2 input columns
+
+
 class Reducer(nn.Module):
     """Acts on the token state at fixed points of one block; the default does nothing."""
+
+    def channel_plan(self) -> ChannelPlan | None:
+        """Channels of this block to keep (see ChannelPlan); None = all (the default)."""
+        return None
 
     def before_block(self, state: TokenState) -> TokenState:
         """Called with the block's input tokens."""

@@ -15,7 +15,9 @@ Design points (each is why something below looks the way it does):
   ``TokenState``; the loss reads ``state.aux`` (``AuxLoss``, ``TokenTarget``: see losses.py).
   Modules may carry ``vitslim_lr_scale`` (e.g. SiT's reverse modules at 5x) and
   ``vitslim_decay_all`` (weight decay on 1-D parameters too) or ``vitslim_no_decay`` (none at all,
-  e.g. Prune-and-Merge's merge and reconstruct matrices).
+  e.g. Prune-and-Merge's merge and reconstruct matrices); modules with a
+  ``vitslim_set_progress(step, total_steps)`` method are told each step before it runs (CDCP's
+  sparsity ramp and mask freezing).
 """
 from __future__ import annotations
 
@@ -200,6 +202,12 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):
                 setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+def set_progress(modules: list[nn.Module], step: int, total_steps: int) -> None:
+    """Tell modules that schedule themselves over training (CDCP's sparsity ramp) the step about to run."""
+    for module in modules:
+        module.vitslim_set_progress(step, total_steps)
 
 
 def _module_attr(model: nn.Module, param_name: str, attr: str, default: Any) -> Any:
@@ -490,6 +498,7 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
             "world_size": world,
         })
 
+    progress_modules = [m for m in model.modules() if hasattr(m, "vitslim_set_progress")]
     # counted in images, so the bar's rate is images/s and its ETA covers the whole run
     bar = tqdm(total=total_steps * config.batch_size, initial=step * config.batch_size, desc="train", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -506,6 +515,7 @@ def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval
             batch_in_epoch = first
             for images, targets in _loader(train_set, sampler, config, device):
                 lr = base_lr(step)  # the lr of this step (before group scales)
+                set_progress(progress_modules, step, total_steps)
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 if mixup is not None:

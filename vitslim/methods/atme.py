@@ -1,0 +1,249 @@
+"""ATME, CAIT-style (vitslim reconstruction): asymmetric token merging of spatial neighbours.
+
+CAIT (Wang et al., TPAMI 2026, arXiv 2309.15755) is known only from its abstract: ATME fuses
+*neighbouring* tokens and *keeps the spatial structure* of the image (the paper's). Everything
+else here is ours (``../shared/reference/methods.md`` 4.2, "ATME-A"), chosen to satisfy that:
+- at scheduled blocks, after the attention residual, along one axis (W: columns, H: rows) the
+  lines at even positions are anchors and the lines at odd positions are sources;
+- each source token joins the more similar of its (at most two) adjacent anchors on that axis,
+  by cosine similarity of the block's head-averaged keys; this is the asymmetry: anchors keep their
+  place, sources choose a side from content, and W and H are reduced at different depths;
+- size-weighted merge (scatter-sum, then divide: exports to ONNX), sizes tracked, proportional
+  attention in later blocks; the anchors form a regular h x ceil(w/2) (or ceil(h/2) x w) grid in
+  raster order, recorded in ``state.grid``, and ``state.source`` maps every patch to its token, so
+  ``vitslim.unmerge_grid`` restores the full grid (dense prediction);
+- prefix tokens (CLS, distillation, registers) never merge; every image keeps the same count.
+
+Option ``schedule``: "3:W,7:H" (0-based block: axis; the default for 12 blocks), a list of
+(block, axis) pairs, or "" for none. ``macs=`` picks among the schedules of at most three merges
+(each along the grid's longer axis, W on ties), ordered by MACs: a discrete set of budget points.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitslim.errors import VitslimError
+from vitslim.methods import AttnInfo, Method, Reducer, register, reject_unknown
+from vitslim.tokens import TokenState, remap_source
+
+AXES = ("W", "H")
+MAX_AUTO_MERGES = 3  # budget points: schedules of up to three merges (DeiT 14x14 -> 7x4 grid at most)
+
+
+def parse_schedule(schedule: Any, depth: int) -> list[tuple[int, str]]:
+    """(block, axis) pairs, sorted by block, from "3:W,7:H", a list of pairs or "3:W" strings."""
+    if schedule is None or schedule == "" or schedule == []:
+        return []
+    items = schedule.split(",") if isinstance(schedule, str) else list(schedule)
+    pairs = []
+    for item in items:
+        try:
+            block, axis = item.split(":") if isinstance(item, str) else item
+            pairs.append((int(block), str(axis).strip().upper()))
+        except (TypeError, ValueError):
+            raise VitslimError(f"bad ATME schedule entry {item!r}: use 'BLOCK:AXIS' with AXIS W or H, "
+                               f"e.g. schedule='3:W,7:H'") from None
+    for block, axis in pairs:
+        if axis not in AXES:
+            raise VitslimError(f"ATME axis {axis!r} in {schedule!r} is not W or H (e.g. schedule='3:W,7:H')")
+        if not 0 <= block < depth:
+            raise VitslimError(f"ATME block {block} in {schedule!r} is out of range: blocks are 0..{depth - 1}")
+    blocks = [b for b, _ in pairs]
+    if len(set(blocks)) != len(blocks):
+        raise VitslimError(f"ATME schedule {schedule!r} merges twice in one block: one axis per block")
+    return sorted(pairs)
+
+
+def format_schedule(pairs: list[tuple[int, str]]) -> str:
+    """The canonical string form, e.g. "3:W,7:H" ("" = no merging)."""
+    return ",".join(f"{b}:{a}" for b, a in pairs)
+
+
+def default_schedule(depth: int) -> str:
+    """DeiT's 3:W, 7:H scaled to the depth."""
+    return format_schedule(sorted({max(0, depth // 4): "W", min(depth - 1, (7 * depth) // 12): "H"}.items()))
+
+
+def merged_grid(grid: tuple[int, int], axis: str) -> tuple[int, int]:
+    """The anchor grid after one merge along ``axis``."""
+    h, w = grid
+    return (h, (w + 1) // 2) if axis == "W" else ((h + 1) // 2, w)
+
+
+def token_counts(model: nn.Module, pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into MLP) per block for a schedule, at the model's input size."""
+    p = model.num_prefix_tokens
+    grid = tuple(model.patch_embed.grid_size)
+    merges = dict(pairs)
+    counts = []
+    for i in range(len(model.blocks)):
+        n_attn = p + grid[0] * grid[1]
+        if i in merges:
+            grid = merged_grid(grid, merges[i])
+        counts.append((n_attn, p + grid[0] * grid[1]))
+    return counts
+
+
+def check_schedule(model: nn.Module, pairs: list[tuple[int, str]]) -> None:
+    """Raise if a merge would find fewer than two lines along its axis."""
+    grid = tuple(model.patch_embed.grid_size)
+    for block, axis in pairs:
+        lines = grid[1] if axis == "W" else grid[0]
+        if lines < 2:
+            raise VitslimError(f"ATME merge {block}:{axis} finds a {grid[0]}x{grid[1]} grid: nothing left to merge "
+                               f"along {axis}; drop it from the schedule")
+        grid = merged_grid(grid, axis)
+
+
+def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
+    """Analytic MACs of the blocks (qkv, attention, proj, MLP) for those token counts, per image."""
+    total = 0.0
+    for blk, (na, nm) in zip(model.blocks, counts):
+        dim, width, hidden = blk.attn.qkv.in_features, blk.attn.attn_dim, blk.mlp.fc1.out_features
+        total += na * dim * 4 * width + 2 * na * na * width + 2 * nm * dim * hidden
+    return total
+
+
+def schedule_family(model: nn.Module) -> list[str]:
+    """Budget points: schedules of up to MAX_AUTO_MERGES merges ordered by MACs (level 0 = none)."""
+    blk = model.blocks[0]
+    key = (len(model.blocks), tuple(model.patch_embed.grid_size), model.num_prefix_tokens,
+           blk.attn.qkv.in_features, blk.attn.attn_dim, blk.mlp.fc1.out_features)
+    if key not in _FAMILIES:
+        _FAMILIES[key] = _family(model)
+    return list(_FAMILIES[key])
+
+
+_FAMILIES: dict[tuple, tuple[str, ...]] = {}
+
+
+def _family(model: nn.Module) -> tuple[str, ...]:
+    depth, grid0 = len(model.blocks), tuple(model.patch_embed.grid_size)
+    points = []
+    for k in range(MAX_AUTO_MERGES + 1):
+        for blocks in itertools.combinations(range(depth), k):
+            grid, pairs = grid0, []
+            for b in blocks:
+                if max(grid) < 2:
+                    break
+                axis = "W" if grid[1] >= grid[0] else "H"  # the longer axis, so grids stay near square
+                pairs.append((b, axis))
+                grid = merged_grid(grid, axis)
+            else:
+                points.append((block_macs(model, token_counts(model, pairs)), k, format_schedule(pairs)))
+    points.sort(key=lambda t: (-t[0], t[1]))  # most MACs first: level 0 = no merging
+    family, last = [], None
+    for macs, _, schedule in points:
+        if last is None or macs < last * 0.999:  # near-equal MACs: keep the first (fewer merges) only
+            family.append(schedule)
+            last = macs
+    return tuple(family)
+
+
+@functools.lru_cache(maxsize=64)
+def _merge_plan(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Constant index tensors of one merge: sources, their two anchors (new indices), anchor map."""
+    h, w = grid
+    with torch.inference_mode(False), torch.no_grad():
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        line = cols if axis == "W" else rows
+        nh, nw = merged_grid(grid, axis)
+        # each anchor's index in the new raster-order grid
+        new_index = (rows * nw + cols // 2) if axis == "W" else ((rows // 2) * nw + cols)
+        lines = w if axis == "W" else h
+        step = 1 if axis == "W" else w  # flat offset to the next line along the axis
+        flat = torch.arange(h * w)
+        src = flat[(line % 2 == 1).reshape(-1)]
+        has_next = (line.reshape(-1)[src] + 1) < lines
+        prev_flat, next_flat = src - step, torch.where(has_next, src + step, src - step)
+        dest = new_index.reshape(-1).clone()  # anchors map to themselves; sources filled per image
+        plan = (src, prev_flat, next_flat, has_next, dest)
+        return tuple(t.to(device) for t in plan)
+
+
+def merge_neighbours(state: TokenState, keys: Tensor, axis: str) -> TokenState:
+    """One ATME-A step along ``axis``: sources join the more similar adjacent anchor (size-weighted)."""
+    if state.grid is None:
+        raise VitslimError("ATME needs the patch tokens on a grid (no patch dropout, no method that scrambles "
+                           "the tokens before it)")
+    p, x = state.num_prefix, state.x
+    h, w = state.grid
+    if (w if axis == "W" else h) < 2:
+        return state  # a single line: nothing to merge (smaller inputs with dynamic_img_size)
+    batch, _, channels = x.shape
+    n = h * w
+    src, prev_flat, next_flat, has_next, dest = _merge_plan((h, w), axis, x.device)
+    metric = keys[:, p:]
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m_src = metric[:, src]
+    sim_prev = (m_src * metric[:, prev_flat]).sum(-1)
+    sim_next = (m_src * metric[:, next_flat]).sum(-1).masked_fill(~has_next, float("-inf"))
+    goes_next = sim_next > sim_prev  # ties go to the previous anchor (left / above)
+    src_dest = torch.where(goes_next, dest[next_flat], dest[prev_flat])  # (B, S)
+    dest_all = dest.expand(batch, n).scatter(1, src.expand(batch, -1), src_dest)  # (B, n) new index
+    nh, nw = merged_grid((h, w), axis)
+    n_new = nh * nw
+    sizes = state.sizes()
+    size_p = sizes[:, p:].to(x.dtype)
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * n_new
+    flat_dest = (dest_all + offsets).reshape(-1)
+    # scatter-sum of size-weighted tokens, then divide: ONNX-friendly (no scatter-mean)
+    summed = x.new_zeros(batch * n_new, channels).index_add(
+        0, flat_dest, (x[:, p:] * size_p.unsqueeze(-1)).reshape(batch * n, channels))
+    new_size = size_p.new_zeros(batch, n_new).scatter_add(1, dest_all, size_p)
+    merged = summed.view(batch, n_new, channels) / new_size.unsqueeze(-1)
+    if state.source is not None:
+        prefix = torch.arange(p, device=x.device).expand(batch, p)
+        state.source = remap_source(state.source, torch.cat([prefix, dest_all + p], dim=1))
+    state.x = torch.cat([x[:, :p], merged], dim=1)
+    state.size = torch.cat([sizes[:, :p].to(x.dtype), new_size], dim=1)
+    state.grid = (nh, nw)
+    return state
+
+
+class ATMEMerge(Reducer):
+    """One ATME-A merge along an axis, after the attention residual of its block."""
+
+    def __init__(self, axis: str):
+        super().__init__()
+        self.axis = axis
+
+    def after_attn(self, state: TokenState, attn: AttnInfo) -> TokenState:
+        """Merge along the axis with this block's head-averaged keys as the similarity."""
+        return merge_neighbours(state, attn.keys, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+@register
+class ATME(Method):
+    """CAIT-style ATME (vitslim reconstruction): neighbour merging on a grid; knob ``schedule``."""
+
+    name = "atme"
+    prop_attn_default = True  # off the shelf; pass prop_attn=False to train without it (ToMe's advice)
+
+    def resolve(self, model: nn.Module, schedule: Any = None, **extra: Any) -> dict[str, Any]:
+        reject_unknown(self.name, extra, "schedule (e.g. '3:W,7:H')")
+        depth = len(model.blocks)
+        pairs = parse_schedule(default_schedule(depth) if schedule is None else schedule, depth)
+        check_schedule(model, pairs)
+        return {"schedule": format_schedule(pairs)}
+
+    def reducers(self) -> dict[int, Reducer]:
+        return {b: ATMEMerge(a) for b, a in parse_schedule(self.options["schedule"], len(self.model.blocks))}
+
+    @classmethod
+    def max_level(cls, model: nn.Module, **options: Any) -> int:
+        return len(schedule_family(model)) - 1
+
+    @classmethod
+    def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
+        if "schedule" in options:
+            raise VitslimError("give atme either schedule or macs=, not both")
+        return {"schedule": schedule_family(model)[level], **options}
