@@ -49,7 +49,7 @@ def test_eval_a_patched_default_model(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["bench", "--methods", "tome,magic"], "unknown method 'magic'; known methods: atme, cait, cdcp, evit, sit, spvit, tome, topk"),
+    (["bench", "--methods", "tome,magic"], "unknown method 'magic'; known methods: atme, cait, cdcp, evit, prune_merge, sit, spvit, tome, topk"),
     (["bench", "--model", "no_such_vit"], "no_such_vit"),
     (["eval", "--data", "/no/such/dir"], "/no/such/dir"),
     (["eval", "--method", "evit", "--option", "keep_rate=2"], "out of range"),

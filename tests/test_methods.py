@@ -74,7 +74,7 @@ def test_macs_budget_on_the_small_reference_shape():
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda m: vitslim.patch(m, "nope"), "known methods: atme, cait, cdcp, evit, sit, spvit, tome, topk"),
+    (lambda m: vitslim.patch(m, "nope"), "known methods: atme, cait, cdcp, evit, prune_merge, sit, spvit, tome, topk"),
     (lambda m: vitslim.patch(m, "tome", r=-1), "r must be >= 0"),
     (lambda m: vitslim.patch(m, "tome", r=[1] * 9), "9 entries for a 4-block model"),
     (lambda m: vitslim.patch(m, "tome", r=(4, 3.0)), "inflection"),
