@@ -194,6 +194,12 @@ def test_slim_equals_masked_counts_drop_and_safetensors_round_trip(method, tmp_p
         assert loaded.vitslim_config["method"] == "atme"
     with pytest.raises(vitslim.VitslimError, match="slim"):
         export.save(model, path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["slim.safetensors"]  # written atomically, no temp left
+    with pytest.raises(vitslim.VitslimError, match="not found"):
+        export.load(tmp_path / "missing.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(vitslim.VitslimError, match="is the file complete"):
+        export.load(tmp_path / "cut.safetensors")
 
 
 def test_cait_budget_split_and_errors():

@@ -339,7 +339,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         raise VitslimError("give --data (images to calibrate on) for a model other than the default")
     loader = build_loader(data, args.split, model=model, batch_size=args.batch_size, limit=args.limit,
                           shuffle=True, seed=args.seed)
-    scores = calibrate(model, loader, iters=args.iters, seed=args.seed, progress=not args.no_progress)
+    scores = calibrate(model, loader, batches=args.iters, seed=args.seed, progress=not args.no_progress)
     images = min(args.iters * args.batch_size, len(loader.dataset))
     command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
     path = save_scores(args.out, scores, model=args.model, data=data, split=args.split, images=images,

@@ -129,11 +129,17 @@ def metadata(model: nn.Module) -> dict[str, Any]:
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a (sliced) model to a safetensors file with its rebuild metadata in the header."""
-    from safetensors.torch import save_file
+    from pathlib import Path
+
+    from safetensors.torch import save as to_bytes
+
+    from vitslim.measure.report import atomic_write
 
     meta = metadata(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.fspath(path), metadata={"vitslim": json.dumps(meta)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, to_bytes(state, metadata={"vitslim": json.dumps(meta)}))  # never half a file
 
 
 def load(path: str | os.PathLike) -> nn.Module:
@@ -145,8 +151,14 @@ def load(path: str | os.PathLike) -> nn.Module:
     from vitslim.train.checkpoint import load_state_strict
     from vitslim.zoo import build_from_spec
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header = (f.metadata() or {}).get("vitslim")
+    if not os.path.isfile(path):
+        raise VitslimError(f"{path} not found: write one with vitslim.export.save(slim(model), path) or "
+                           "`vitslim export CHECKPOINT --out PATH`")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("vitslim")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise VitslimError(f"cannot read {path} as safetensors ({exc}): is the file complete?") from None
     if header is None:
         raise VitslimError(f"{path} has no vitslim metadata: it was not written by vitslim.export.save")
     meta = json.loads(header)

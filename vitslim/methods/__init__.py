@@ -9,8 +9,9 @@ Methods with a budget knob also describe it as an integer ``level`` so
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Iterator, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
@@ -209,6 +210,30 @@ def check_rates(keep_rate: Any, locations: list[int]) -> float | list[float]:
 def rates_per_location(keep_rate: float | list[float], locations: list[int]) -> list[float]:
     """The resolved keep_rate option as one rate per location."""
     return keep_rate if isinstance(keep_rate, list) else [keep_rate] * len(locations)
+
+
+def calibration_batches(calibration: Any, limit: int, batch_size: int = 32) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """(images, labels or None) batches from calibration data, at most ``limit`` of them.
+
+    Takes a DataLoader (or any iterable) of (images, labels) or of images, a tensor of images, or an
+    (images, labels) pair of tensors; tensors are cut into batches of ``batch_size``.
+    """
+    if isinstance(calibration, Tensor):
+        calibration = [(calibration[i:i + batch_size], None) for i in range(0, len(calibration), batch_size)]
+    elif (isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], Tensor)
+          and isinstance(calibration[1], Tensor) and len(calibration[0]) == len(calibration[1])):
+        images, labels = calibration
+        calibration = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    for i, batch in enumerate(calibration):
+        if i >= limit:
+            return
+        if isinstance(batch, Tensor):
+            yield batch, None
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            yield batch[0], None if len(batch) < 2 or batch[1] is None else torch.as_tensor(batch[1])
+        else:
+            raise VitslimError("calibration= takes a DataLoader of (images, labels), a tensor of images or an "
+                               f"(images, labels) pair; got batches of type {type(batch).__name__}")
 
 
 def default_locations(depth: int) -> list[int]:

@@ -26,15 +26,15 @@ every head). Everything else is ours (``../shared/reference/methods.md`` 4.3):
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (AttnInfo, ChannelPlan, KeepRateLevels, Method, Reducer, check_rate, register,
-                             reject_unknown)
+from vitslim.methods import (AttnInfo, ChannelPlan, KeepRateLevels, Method, Reducer, calibration_batches,
+                             check_rate, register, reject_unknown)
 from vitslim.tokens import TokenState
 
 RAMP_END, FREEZE_AT = 0.3, 0.9  # fractions of training: sparsity ramp, then counts frozen; indices frozen
@@ -77,18 +77,6 @@ def magnitude_importance(model: nn.Module) -> list[dict[str, Tensor]]:
     return out
 
 
-def _batches(data: Any) -> Iterable[tuple[Tensor, Tensor | None]]:
-    if isinstance(data, Tensor):
-        for i in range(0, data.shape[0], 32):
-            yield data[i:i + 32], None
-        return
-    for batch in data:
-        if isinstance(batch, (list, tuple)):
-            yield batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            yield batch, None
-
-
 def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
     """Taylor importance |sum a * dL/da| per channel (head-summed), accumulated over calibration batches."""
     from vitslim.patch import _attach, unpatch
@@ -100,9 +88,7 @@ def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATIO
         r.probe = (torch.ones(r.qkv_size, requires_grad=True), torch.ones(r.hidden, requires_grad=True))
     sums = [{"qk": 0.0, "v": 0.0, "mlp": 0.0} for _ in blocks]
     seen = 0
-    for images, labels in _batches(data):
-        if seen >= max_batches:
-            break
+    for images, labels in calibration_batches(data, max_batches):
         logits = probe(images)
         target = logits.argmax(-1) if labels is None else labels
         grads = torch.autograd.grad(F.cross_entropy(logits, target), [m for r in blocks for m in r.probe])

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import Method, Reducer, check_locations, check_rate, register, reject_unknown
+from vitslim.methods import (Method, Reducer, calibration_batches, check_locations, check_rate, register,
+                             reject_unknown)
 from vitslim.tokens import TokenState
 
 RATE_STEP = 0.005  # keep_rate steps of the macs= search: about one token per block at 196 patches
@@ -58,40 +59,26 @@ DATA_FREE_BATCHES, DATA_FREE_BATCH_SIZE = 2, 16
 # 1. scoring
 
 
-def _calibration_batches(model: nn.Module, calibration: Any, iters: int | None, seed: int,
-                         ) -> Iterable[tuple[Tensor, Tensor | None]]:
-    """(images, labels or None) batches from a loader, a tensor of images, an (images, labels) pair or nothing."""
-    if calibration is None:  # data-free: seeded noise in the model's (normalised) input space
-        from vitslim.measure.macs import default_input_size
-
-        gen = torch.Generator().manual_seed(seed)
-        size = default_input_size(model)
-        for _ in range(iters or DATA_FREE_BATCHES):
-            yield torch.randn(DATA_FREE_BATCH_SIZE, *size, generator=gen), None
+def _scoring_batches(model: nn.Module, calibration: Any, batches: int | None, seed: int,
+                     ) -> Iterable[tuple[Tensor, Tensor | None]]:
+    """Calibration batches, or without data seeded noise in the model's (normalised) input space."""
+    if calibration is not None:
+        yield from calibration_batches(calibration, batches or OFFICIAL_ITERS)
         return
-    if isinstance(calibration, Tensor):
-        calibration = [calibration]
-    elif isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], Tensor):
-        calibration = [calibration]
-    limit = iters or OFFICIAL_ITERS
-    for i, batch in enumerate(calibration):
-        if i >= limit:
-            return
-        if isinstance(batch, Tensor):
-            yield batch, None
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor):
-            yield batch[0], torch.as_tensor(batch[1])
-        else:
-            raise VitslimError("calibration= takes a DataLoader of (images, labels), a tensor of images or an "
-                               f"(images, labels) pair; got batches of type {type(batch).__name__}")
+    from vitslim.measure.macs import default_input_size
+
+    gen = torch.Generator().manual_seed(seed)
+    size = default_input_size(model)
+    for _ in range(batches or DATA_FREE_BATCHES):
+        yield torch.randn(DATA_FREE_BATCH_SIZE, *size, generator=gen), None
 
 
-def calibrate(model: nn.Module, calibration: Any = None, *, iters: int | None = None, seed: int = 0,
+def calibrate(model: nn.Module, calibration: Any = None, *, batches: int | None = None, seed: int = 0,
               progress: bool = False) -> Tensor:
     """Gradient-weighted attention scores (depth, n_patches) of the dense model, summed over calibration batches.
 
     ``calibration``: a DataLoader of (images, labels), a tensor of images (labelled with the model's
-    own predictions), an (images, labels) pair, or None (seeded noise: data-free). ``iters`` caps the
+    own predictions), an (images, labels) pair, or None (seeded noise: data-free). ``batches`` caps the
     batches (default 250, the official count; 2 of 16 noise images without data). The model is
     not changed: the pass runs on a copy in eval mode with explicit attention.
     """
@@ -110,15 +97,15 @@ def calibrate(model: nn.Module, calibration: Any = None, *, iters: int | None = 
         hooks.append(blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: probs.append(out)))
     p = scorer.num_prefix_tokens
     totals = torch.zeros(len(scorer.blocks), scorer.patch_embed.num_patches, dtype=torch.float64, device=device)
-    batches = _calibration_batches(scorer, calibration, iters, seed)
+    stream = _scoring_batches(scorer, calibration, batches, seed)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="calibrating", unit="batch", total=iters)
+        stream = tqdm(stream, desc="calibrating", unit="batch", total=batches)
     seen = 0
     try:
         with torch.enable_grad(), torch.inference_mode(False):
-            for images, labels in batches:
+            for images, labels in stream:
                 images = images.to(device).clone()
                 if labels is None:
                     with torch.no_grad():
@@ -297,14 +284,14 @@ class PruneMerge(Method):
     """Prune-and-Merge: a global plan from gradient-weighted attention; trainable merge/reconstruct per block."""
 
     name = "prune_merge"
-    ACCEPTED = ("keep_rate, prune_rate, calibration, calib_iters, seed, scores, tokens, blocks, depth_discount, "
+    ACCEPTED = ("keep_rate, prune_rate, calibration, calibration_batches, seed, scores, tokens, blocks, depth_discount, "
                 "row_quirk, decay_mr")
 
     @classmethod
     def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
         """Score once (from ``calibration=``, or data-free) unless scores or a rebuilt plan are given."""
         calibration = options.pop("calibration", None)
-        iters = options.pop("calib_iters", None)
+        batches = options.pop("calibration_batches", None)
         seed = options.pop("seed", 0)
         if isinstance(options.get("scores"), (str, pathlib.Path)):
             options["scores"] = load_scores(options["scores"])
@@ -313,7 +300,7 @@ class PruneMerge(Method):
                 raise VitslimError("give prune_merge either calibration= (to score) or scores=, not both")
             return options
         if options.get("tokens") is None:
-            options["scores"] = calibrate(model, calibration, iters=iters, seed=int(seed))
+            options["scores"] = calibrate(model, calibration, batches=batches, seed=int(seed))
         return options
 
     def resolve(self, model: nn.Module, keep_rate: Any = 0.6, prune_rate: Any = 0.1, scores: Any = None,
