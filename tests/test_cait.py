@@ -153,6 +153,21 @@ def test_cdcp_progress_hook_ramps_then_freezes_the_masks():
     assert all(bool(r.frozen) for r in blocks)
 
 
+def test_cdcp_ramp_and_freeze_happen_inside_a_real_fit(tmp_path):
+    from vitslim.train import TrainConfig, fit
+
+    model = vitslim.patch(_vit(), "cdcp", keep_rate=0.5)
+    blocks = _masks(model)
+    kept = []
+    data = torch.utils.data.TensorDataset(torch.randn(80, 3, 32, 32), torch.randint(0, 10, (80,)))
+    fit(model, data, config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, log_every=1), out_dir=tmp_path,
+        progress=False, on_step=lambda record: kept.append(sum(r.counts.sum().item() for r in blocks)))
+    assert len(kept) == 20 and kept[0] > kept[-1] and kept == sorted(kept, reverse=True)  # the ramp, through the engine
+    ramp_end = int(RAMP_END * 20)
+    assert len(set(kept[ramp_end:])) == 1 and len(set(kept[:ramp_end + 1])) > 1  # counts fixed after the ramp
+    assert all(bool(r.frozen) for r in blocks)  # past 90% of the run the masks are frozen
+
+
 def test_cdcp_taylor_calibration_and_refusals():
     images = torch.randn(8, 3, 32, 32)
     model = vitslim.patch(_vit(), "cdcp", keep_rate=0.6, calibration=images)
