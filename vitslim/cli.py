@@ -317,7 +317,7 @@ def _plan_roles(model) -> dict[str, tuple[list[int], list[int]]]:
     """Per Prune-and-Merge block: its centre and pruned patch indices."""
     roles, p = {}, model.num_prefix_tokens
     for block, reducer in model.vitslim_reducers.items():
-        roles[block] = (reducer.centres.tolist(), reducer.bypass[p:].nonzero().flatten().tolist())
+        roles[block] = (reducer.centres.tolist(), (reducer.pruned_index - p).tolist())
     return roles
 
 

@@ -198,10 +198,18 @@ def global_plan(scores: Tensor, keep_rate: float, prune_rate: float, blocks: lis
     return plans
 
 
-def regular_plan(n: int, centres: int) -> LayerPlan:
-    """A data-free plan: ``centres`` evenly spaced in raster order, nothing pruned, equal weights."""
+def regular_plan(n: int, centres: int, pruned: int = 0) -> LayerPlan:
+    """A data-free plan: ``centres`` evenly spaced in raster order, ``pruned`` evenly spaced among the rest.
+
+    Also the shape of a saved plan (``tokens=``/``pruned=`` options) before its state dict is loaded.
+    """
     idx = torch.linspace(0, n - 1, max(1, centres)).round().long().unique().tolist()
-    return LayerPlan(torch.zeros(n, dtype=torch.bool), idx, torch.ones(n, dtype=torch.float64))
+    others = torch.tensor(sorted(set(range(n)) - set(idx)), dtype=torch.long)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if pruned and len(others):
+        mask[others[torch.linspace(0, len(others) - 1, min(pruned, len(others))).round().long().unique()]] = True
+    score = torch.ones(n, dtype=torch.float64).masked_fill(mask, 0.0)
+    return LayerPlan(mask, idx, score)
 
 
 def merge_matrix(plan: LayerPlan, grid_width: int, num_prefix: int, row_quirk: bool = True) -> Tensor:
@@ -244,14 +252,20 @@ class PruneMergeBlock(Reducer):
         super().__init__()
         self.merge = nn.Parameter(merge.float())
         self.reconstruct = nn.Parameter(torch.linalg.pinv(merge).float())
-        n_all = merge.shape[1]
-        bypass = torch.zeros(n_all)
-        bypass[n_all - pruned.numel():] = pruned.float()
-        self.register_buffer("bypass", bypass)  # 1 = the token skips the block (pruned)
+        offset = merge.shape[1] - pruned.numel()  # the prefix tokens
+        # positions of the pruned tokens, which skip the block: a static index (same for every image),
+        # so adding them back is one small index_add instead of a full-size masked copy and add
+        self.register_buffer("pruned_index", pruned.nonzero().flatten() + offset)
         self.register_buffer("score", score.float())  # the block's search score per patch (for inspection)
         self.register_buffer("centres", torch.tensor(centres, dtype=torch.long))  # patch indices (for inspection)
         self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
         self.vitslim_no_decay = not decay_mr  # read by the training engine's parameter groups
+
+    @property
+    def bypass(self) -> Tensor:
+        """(N,) 1 where the token skips the block (pruned), else 0."""
+        mask = torch.zeros(self.merge.shape[1], device=self.merge.device)
+        return mask.index_fill_(0, self.pruned_index, 1.0)
 
     def before_block(self, state: TokenState) -> TokenState:
         """Keep the pruned tokens aside and merge the rest into the block's m tokens."""
@@ -259,7 +273,8 @@ class PruneMergeBlock(Reducer):
         if x.shape[1] != self.merge.shape[1]:
             raise VitslimError(f"this prune_merge plan is for {self.merge.shape[1]} tokens, the input has "
                                f"{x.shape[1]}: run the model at the image size it was patched for")
-        state.scratch["pm_bypass"] = x * self.bypass[:, None].to(x.dtype)
+        if self.pruned_index.numel():
+            state.scratch["pm_bypass"] = x.index_select(1, self.pruned_index)
         state.scratch["pm_grid"] = state.grid
         state.x = torch.matmul(self.merge.to(x.dtype), x)
         state.size = self.group_size.expand(x.shape[0], -1) if state.prop_attn else None
@@ -269,7 +284,9 @@ class PruneMergeBlock(Reducer):
     def after_block(self, state: TokenState) -> TokenState:
         """Reconstruct the full token grid and add back the pruned tokens."""
         x = state.x
-        state.x = torch.matmul(self.reconstruct.to(x.dtype), x) + state.scratch.pop("pm_bypass")
+        state.x = torch.matmul(self.reconstruct.to(x.dtype), x)
+        if self.pruned_index.numel():
+            state.x.index_add_(1, self.pruned_index, state.scratch.pop("pm_bypass"))
         state.size = None
         state.grid = state.scratch.pop("pm_grid")
         return state
@@ -334,7 +351,10 @@ class PruneMerge(Method):
             tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(blocks)
             if len(tokens) != len(blocks) or not all(1 <= int(t) <= n for t in tokens):
                 raise VitslimError(f"tokens must give 1..{n} centres for each of the {len(blocks)} blocks, got {tokens}")
-            self.plans = [regular_plan(n, int(t)) for t in tokens]
+            pruned = [0] * len(tokens) if pruned is None else list(pruned)
+            if len(pruned) != len(tokens):
+                raise VitslimError(f"pruned gives {len(pruned)} counts for {len(tokens)} blocks")
+            self.plans = [regular_plan(n, int(t), int(q)) for t, q in zip(tokens, pruned)]
         return {"keep_rate": keep_rate, "prune_rate": prune_rate, "blocks": blocks, "depth_discount": depth_discount,
                 "row_quirk": bool(row_quirk), "decay_mr": bool(decay_mr),
                 "tokens": [len(plan.centres) for plan in self.plans],
