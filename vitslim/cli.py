@@ -192,6 +192,14 @@ def _default_data(args: argparse.Namespace, model) -> str | None:
     return "digits" if args.model == "default" or is_digits else None
 
 
+def _required_data(args: argparse.Namespace, model, purpose: str) -> str:
+    """--data, else digits for the default model; a one-line error otherwise."""
+    data = args.data or _default_data(args, model)
+    if data is None:
+        raise VitslimError(f"give --data ({purpose}) for a model other than the default")
+    return data
+
+
 def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for method, key, value in args.option:
@@ -277,9 +285,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
-    data = args.data or _default_data(args, model)
-    if data is None:
-        raise VitslimError("give --data (a dataset to train on) for a model other than the default")
+    data = _required_data(args, model, "a dataset to train on")
     method_cls = get_method(args.method) if args.method else None
     want_teacher = args.teacher == "dense" or (args.teacher == "auto" and (
         config.kd_weight > 0 or getattr(method_cls, "distills_tokens", False)))
@@ -334,9 +340,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
-    data = args.data or _default_data(args, model)
-    if data is None:
-        raise VitslimError("give --data (images to calibrate on) for a model other than the default")
+    data = _required_data(args, model, "images to calibrate on")
     loader = build_loader(data, args.split, model=model, batch_size=args.batch_size, limit=args.limit,
                           shuffle=True, seed=args.seed)
     scores = calibrate(model, loader, batches=args.iters, seed=args.seed, progress=not args.no_progress)
