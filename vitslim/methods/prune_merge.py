@@ -82,13 +82,10 @@ def calibrate(model: nn.Module, calibration: Any = None, *, batches: int | None 
     batches (default 250, the official count; 2 of 16 noise images without data). The model is
     not changed: the pass runs on a copy in eval mode with explicit attention.
     """
-    from vitslim.patch import check_supported, is_patched, unpatch
+    from vitslim.patch import check_supported, unpatch
 
     check_supported(model)
-    scorer = copy.deepcopy(model)
-    if is_patched(scorer):
-        unpatch(scorer)
-    scorer.eval()
+    scorer = unpatch(copy.deepcopy(model)).eval()  # unpatch leaves a dense model as it is
     device = next(scorer.parameters()).device
     probs: list[Tensor] = []
     hooks = []
@@ -106,12 +103,10 @@ def calibrate(model: nn.Module, calibration: Any = None, *, batches: int | None 
     try:
         with torch.enable_grad(), torch.inference_mode(False):
             for images, labels in stream:
-                images = images.to(device).clone()
-                if labels is None:
-                    with torch.no_grad():
-                        labels = scorer(images).argmax(-1)
                 probs.clear()
-                loss = F.cross_entropy(scorer(images), labels.to(device))
+                logits = scorer(images.to(device).clone())
+                targets = logits.argmax(-1).detach() if labels is None else labels.to(device)  # own predictions
+                loss = F.cross_entropy(logits, targets)
                 grads = torch.autograd.grad(loss, probs)
                 for layer, (a, g) in enumerate(zip(probs, grads)):
                     batch, heads, n, _ = a.shape
