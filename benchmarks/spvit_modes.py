@@ -30,7 +30,7 @@ def accuracy(model, loader, masked: bool, gumbel: bool = True) -> tuple[float, f
             correct += int((logits.argmax(1) == labels).sum())
             total += len(labels)
             if masked:
-                kept.append(state.keep[-1].mean().item())
+                kept.append(state.kernel.keep[-1].mean().item())
             else:
                 kept.append((state.x.shape[1] - state.num_prefix - len(model.vitslim_reducers)) /
                             state.num_patches0)

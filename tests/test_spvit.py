@@ -5,7 +5,7 @@ import torch
 import vitslim
 from vitslim.measure.macs import count_macs
 from vitslim.methods.spvit import TokenSelector, keep_targets
-from vitslim.patch import _policy_attention
+from vitslim.methods.spvit import policy_attention as _policy_attention
 from vitslim.train import Criterion, teacher_copy
 from vitslim.train.engine import StudentForward, teacher_outputs
 from vitslim.train.losses import AuxLoss, TokenTarget
@@ -33,12 +33,12 @@ def test_training_forward_keeps_shapes_and_masks_the_dropped_tokens():
     x = torch.randn(4, 3, 32, 32)
     state = model.forward_tokens(x)
     assert state.x.shape == (4, 65 + 3, 64)  # nothing removed, three package tokens appended
-    policy = state.policy
+    policy = state.kernel.policy  # the masked-attention kernel SPViT installs for the later blocks
     assert policy.shape == (4, 68) and torch.equal(policy[:, 0], torch.ones(4)) and (policy[:, -3:] == 1).all()
     kept = policy[:, 1:65]
     assert set(kept.unique().tolist()) <= {0.0, 1.0} and 0 < kept.sum() < kept.numel()
     # the masks are nested: what stage 2 keeps, stage 1 kept
-    assert ((state.keep[2] <= state.keep[1]) & (state.keep[1] <= state.keep[0])).all()
+    assert ((state.kernel.keep[2] <= state.kernel.keep[1]) & (state.kernel.keep[1] <= state.kernel.keep[0])).all()
     # masked attention: a dropped key gets (almost) no weight from other queries, but itself
     logits = torch.randn(4, 2, 68, 68)
     attn = _policy_attention(logits, policy)
@@ -55,10 +55,10 @@ def test_ratio_loss_and_token_target_values():
     model = _spvit(keep_rate=0.5).train()
     state = model.forward_tokens(torch.randn(4, 3, 32, 32))
     ratios = [a for a in state.aux if isinstance(a, AuxLoss)]
-    for stage, (loss, keep, target) in enumerate(zip(ratios, state.keep, [0.5, 0.25, 0.125])):
+    for stage, (loss, keep, target) in enumerate(zip(ratios, state.kernel.keep, [0.5, 0.25, 0.125])):
         assert loss.value.item() == pytest.approx(2.0 / 3 * (keep.mean().item() - target) ** 2, rel=1e-5)
     token = state.aux[-1]
-    assert token.block == -1 and token.student.shape == (4, 64, 64) and torch.equal(token.mask, state.keep[-1] > 0.5)
+    assert token.block == -1 and token.student.shape == (4, 64, 64) and torch.equal(token.mask, state.kernel.keep[-1] > 0.5)
 
 
 def test_package_token_is_the_keep_probability_weighted_sum_of_dropped_tokens():
@@ -127,13 +127,18 @@ def test_selector_weights_are_shared_across_heads():
 
 
 def test_latency_budget_records_what_it_measured():
-    from vitslim.methods.spvit import fit_latency
+    from vitslim.measure import fit_latency
 
-    model = fit_latency(tiny_vit(), 1e6, runs=5)  # any setting is fast enough: no pruning needed
+    model = tiny_vit()
+    record = fit_latency(model, 1e6, runs=5)  # any setting is fast enough: no pruning needed
     options = model.vitslim_config["options"]
-    assert options["keep_rate"] == [1.0, 1.0, 1.0] and 0 < options["latency_ms"] < 1e6
+    assert options["keep_rate"] == [1.0, 1.0, 1.0] and 0 < record["latency_ms"] < 1e6
+    # the measurement goes to the run record, not into the options (options must match on resume)
+    assert "latency_ms" not in options and record["options"] == options
     with pytest.raises(vitslim.VitslimError, match="out of reach"):
         fit_latency(tiny_vit(), 1e-6, runs=5)
+    from vitslim.measure import fit_latency as generic
+    generic(tiny_vit(), 1e6, "tome", runs=5)  # any method with budget levels
 
 
 def test_cli_latency_budget_needs_spvit(capsys):

@@ -17,6 +17,7 @@ import vitslim
 from vitslim.errors import VitslimError
 from vitslim.train import AuxLoss, Criterion, TokenTarget, TrainConfig, fit, load, read_checkpoint, teacher_copy
 from vitslim.train.checkpoint import save_checkpoint
+from vitslim.methods import ParamOptions
 from vitslim.train.engine import GlobalBatchSampler, lr_factor, param_groups
 from vitslim.train.losses import FINAL, kd_loss, masked_mse
 from vitslim.zoo import _write_folder, load_model
@@ -171,8 +172,9 @@ def test_param_groups_decay_and_lr_scales():
     model = tiny_vit(depth=2)
     vitslim.patch(model, "tome", r=2)
     extra = torch.nn.Linear(4, 4)
-    extra.vitslim_lr_scale = 5.0
-    model.vitslim_reducers["0"].extra = extra
+    reducer = model.vitslim_reducers["0"]
+    reducer.extra = extra
+    reducer.param_options = lambda: {"extra.": ParamOptions(lr_scale=5.0)}  # the declared hook, overridden
     groups = param_groups(model, TrainConfig(weight_decay=0.1, backbone_lr_scale=0.5, method_lr_scale=2.0))
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.1
@@ -394,7 +396,7 @@ def test_killed_cli_run_resumes_to_the_same_weights(tiny_folder, tiny_images, tm
 
 def test_method_losses_flow_from_the_forward_into_training(tiny_folder, tiny_images, tmp_path, monkeypatch):
     """A method's AuxLoss and TokenTarget (put in state.aux by its reducer) reach the loss and train its modules."""
-    from vitslim.methods import _REGISTRY, Method, Reducer
+    from vitslim.methods.base import _REGISTRY, Method, Reducer
     from vitslim.train.losses import AuxLoss, TokenTarget
 
     class PullToOne(Reducer):

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import shlex
 import sys
@@ -30,17 +29,26 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _option(text: str) -> tuple[str, str, Any]:
-    """METHOD.KEY=VALUE or KEY=VALUE, VALUE a Python literal (e.g. evit.keep_order=False, r=[8,4])."""
+def _option(text: str) -> tuple[str, str, str]:
+    """METHOD.KEY=VALUE or KEY=VALUE; the value is read by the method's option type (e.g. r=[8,4])."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"options look like key=value or method.key=value, got {text!r}")
     key, raw = text.split("=", 1)
     method, _, key = key.rpartition(".")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return method, key, value
+    return method, key, raw
+
+
+def _options_for(method: str, given: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """The --option values meant for ``method``, typed by its options dataclass."""
+    from vitslim.methods import get_method
+
+    options_type = get_method(method).Options
+    return {key: options_type.parse_value(key, raw) for scope, key, raw in given if scope in ("", method)}
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line, as recorded in reports and summaries."""
+    return "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -131,11 +139,22 @@ def _none_or(kind):
     return parse
 
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _floats}
+def _flag_type(hint: Any):
+    """An argparse type and metavar for a TrainConfig field's annotation (Optional fields also take 'none')."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    base = args[0] if optional else hint
+    kind = {bool: _bool, int: int, float: float, str: str}.get(base, _floats)  # tuple[float, float]: "a,b"
+    name = getattr(base, "__name__", "floats").upper()
+    return (_none_or(kind) if optional else kind), name
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     import dataclasses
+    import typing
 
     from vitslim.train.config import RECIPES, TrainConfig
 
@@ -160,15 +179,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' (OUT/last.pt when present)")
     p.add_argument("--no-progress", action="store_true")
     group = p.add_argument_group("training options (default: the recipe's, else TrainConfig's)")
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "recipe":
             continue
-        text = str(f.type)
-        kind = _FIELD_TYPES[text.replace(" | None", "")]
+        kind, metavar = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=argparse.SUPPRESS,
-                           type=_none_or(kind) if "None" in text else kind, metavar=kind.__name__.strip("_").upper(),
-                           help=f"(default {default})")
+                           type=kind, metavar=metavar, help=f"(default {default})")
 
 
 def _load(args: argparse.Namespace):
@@ -201,13 +219,10 @@ def _required_data(args: argparse.Namespace, model, purpose: str) -> str:
 
 
 def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    options: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for method, key, value in args.option:
-        for m in ([method] if method else methods):
-            if m not in options:
-                raise VitslimError(f"--option {method}.{key}: {method!r} is not among --methods {list(methods)}")
-            options[m][key] = value
-    return options
+    for method, key, _ in args.option:
+        if method and method not in methods:
+            raise VitslimError(f"--option {method}.{key}: {method!r} is not among --methods {list(methods)}")
+    return {m: _options_for(m, args.option) for m in methods}
 
 
 def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
@@ -227,7 +242,7 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
                          runs=args.runs, threads=args.threads, precision=args.precision, allocator=args.allocator,
                          options=_method_options(args, methods))
     name = args.name or ("compare" if with_data else "bench")
-    command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
+    command = _command(args)
     title = f"vitslim {name}: {args.model}"
     paths = save_report(result, args.out, name, title, command=command, plot=not args.no_plot)
     print(format_table(result["rows"]))
@@ -241,8 +256,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     model = _load(args)
     if args.method:
-        options = {key: value for _, key, value in args.option}
-        vitslim.patch(model, args.method, macs=args.macs, **options)
+        vitslim.patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
     loader = _loader(args, model)
@@ -268,17 +282,15 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
     import pathlib
 
     import torch
 
     import vitslim
-    from vitslim.measure.report import atomic_write
-    from vitslim.methods import get_method
+    from vitslim.measure import fit_latency
     from vitslim.train import TrainConfig, fit, teacher_copy
     from vitslim.train.data import build_dataset
-    from vitslim.train.engine import distributed_env
+    from vitslim.train.engine import distributed_env, resume_path, wants_teacher
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     config = TrainConfig.from_recipe(args.recipe, **overrides)
@@ -286,45 +298,41 @@ def _run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = _load(args)
     data = _required_data(args, model, "a dataset to train on")
-    method_cls = get_method(args.method) if args.method else None
-    want_teacher = args.teacher == "dense" or (args.teacher == "auto" and (
-        config.kd_weight > 0 or getattr(method_cls, "distills_tokens", False)))
-    teacher = teacher_copy(model) if want_teacher else None
+    out = pathlib.Path(args.out or f"vitslim-out/train-{args.method or 'dense'}")
+    teacher = teacher_copy(model)  # the dense weights before any patching; dropped below unless wanted
+    record: dict[str, Any] = {"command": _command(args), "method": args.method, "macs": args.macs,
+                              "recipe": args.recipe}
+    options = _options_for(args.method, args.option) if args.method else {}
+    resume = resume_path(args.resume, out)
     if args.latency_ms is not None:
         if args.method != "spvit" or args.macs is not None:
             raise VitslimError("--latency-ms goes with --method spvit (and without --macs)")
-        from vitslim.methods.spvit import fit_latency
+        if resume is not None:  # the checkpoint holds the options its latency search chose
+            from vitslim.train.checkpoint import read_checkpoint
 
-        fit_latency(model, args.latency_ms, threads=args.threads, **{k: v for _, k, v in args.option})
+            saved = read_checkpoint(resume)
+            vitslim.patch(model, saved.get("method") or args.method, **(saved.get("options") or {}))
+            record["latency"] = (saved.get("run_record") or {}).get("latency")
+        else:
+            record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads, **options)
     elif args.method:
-        options = {key: value for _, key, value in args.option}
         vitslim.patch(model, args.method, macs=args.macs, **options)
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
+    if not wants_teacher(model, config, args.teacher):
+        teacher = None
+    record["teacher"] = "dense" if teacher is not None else None
     train_set = build_dataset(data, args.split, model=model, limit=args.limit, augment=config.augment())
     val_set = None if args.no_eval else build_dataset(data, args.val_split, model=model, limit=args.val_limit)
-    out = pathlib.Path(args.out or f"vitslim-out/train-{args.method or 'dense'}")
     result = fit(model, train_set, val_data=val_set, teacher=teacher, config=config, out_dir=out,
-                 resume=args.resume, progress=not args.no_progress, eval_before=args.eval_before)
+                 resume=resume, progress=not args.no_progress, eval_before=args.eval_before, run_record=record)
     if distributed_env()[0] == 0:
-        command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
-        summary = {"command": command, "method": args.method, "macs": args.macs, "recipe": args.recipe,
-                   "teacher": "dense" if teacher is not None else None, "config": config.to_dict(), **result}
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         final = result["final"]
         line = f"trained {result['steps']} steps"
         if "top1" in final:
             line += f": top-1 {final['top1']:.2%} on {final['n']} images"
         print(f"{line}; checkpoint {result['checkpoint']}, log {out / 'log.jsonl'}")
     return 0
-
-
-def _plan_roles(model) -> dict[str, tuple[list[int], list[int]]]:
-    """Per Prune-and-Merge block: its centre and pruned patch indices."""
-    roles, p = {}, model.num_prefix_tokens
-    for block, reducer in model.vitslim_reducers.items():
-        roles[block] = (reducer.centres.tolist(), (reducer.pruned_index - p).tolist())
-    return roles
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -345,15 +353,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                           shuffle=True, seed=args.seed)
     scores = calibrate(model, loader, batches=args.iters, seed=args.seed, progress=not args.no_progress)
     images = min(args.iters * args.batch_size, len(loader.dataset))
-    command = "vitslim " + " ".join(shlex.quote(a) for a in args.argv)
+    command = _command(args)
     path = save_scores(args.out, scores, model=args.model, data=data, split=args.split, images=images,
                        command=command)
-    options = {key: value for _, key, value in args.option}
+    options = _options_for("prune_merge", args.option)
     dense = vitslim.count_macs(model)
     vitslim.patch(model, "prune_merge", macs=args.macs, scores=scores, **options)
     plan = model.vitslim_config["options"]
-    roles = {block: {"centres": reducer_centres, "pruned": reducer_pruned}
-             for block, (reducer_centres, reducer_pruned) in _plan_roles(model).items()}
+    roles = vitslim.describe(model)["plan"]
     plan_path = path.with_suffix(".plan.json")
     atomic_write(plan_path, json.dumps({"command": command, "options": plan, "blocks": roles}, indent=1) + "\n")
     print(f"scores of {len(scores)} blocks from {images} images -> {path}; plan -> {plan_path}")

@@ -3,16 +3,17 @@
 The model's class is swapped for a subclass whose forward carries a ``TokenState`` through the
 blocks (ToMe's convention), and the method's reducers are attached as ``model.vitslim_reducers``.
 The blocks themselves are not modified: the spine runs their own submodules (norm1, attn.qkv,
-q/k norm, ls1, drop_path1, norm2, mlp, ls2, drop_path2), so LayerScale, q/k norm, drop-path and
-fused attention (proportional attention as an additive ``attn_mask``) are kept. ``unpatch``
-restores the class and removes the reducers, so the model is exactly the original again.
+q/k norm, ls1, drop_path1, norm2, mlp, ls2, drop_path2) through a ``vitslim.kernels.BlockKernel``
+(timm's fused computation unless a reducer asks for another), so LayerScale, q/k norm, drop-path
+and fused attention (proportional attention as an additive ``attn_mask``) are kept. ``unpatch``
+restores the class and removes the reducers, so the model is exactly the original again. This
+module names no method: methods reach it only through the hooks of ``vitslim.methods.base``.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,8 +21,11 @@ from vitslim import _compat  # noqa: F401
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from vitslim.budget import search_level
 from vitslim.errors import VitslimError
-from vitslim.methods import AttnInfo, ChannelPlan, Reducer, get_method
+from vitslim.kernels import DEFAULT_KERNEL, attn_residual, mlp_residual
+from vitslim.measure.macs import count_macs, default_input_size
+from vitslim.methods.base import AttnInfo, Reducer, get_method
 from vitslim.tokens import TokenState, init_source
 
 SUPPORTED = (
@@ -63,119 +67,27 @@ def check_input(model: nn.Module, images: Tensor) -> None:
         )
 
 
-POLICY_EPS = 1e-6  # SPViT/DynamicViT's masked softmax: (e_ij + eps/N) / (sum_k e_ik + eps)
-
-
-def _policy_attention(logits: Tensor, policy: Tensor) -> Tensor:
-    """Softmax with masked keys as a product (so gradients reach the keep decisions); the diagonal is kept."""
-    n = logits.shape[-1]
-    keep = policy[:, None, None, :].to(logits.dtype)
-    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
-    keep = keep + (1.0 - keep) * eye  # a masked token still attends to itself
-    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
-    return (e + POLICY_EPS / n) / (e.sum(dim=-1, keepdim=True) + POLICY_EPS)
-
-
-def _qkv(attn: Attention, x: Tensor, channels: ChannelPlan | None) -> Tensor:
-    """attn.qkv(x) as (3, B, H, N, d'): all channels, masked ones (training) or only the kept rows (sliced)."""
-    batch, n, _ = x.shape
-    if channels is not None and channels.qkv_index is not None:
-        w, b = attn.qkv.weight.index_select(0, channels.qkv_index), attn.qkv.bias
-        qkv = F.linear(x, w, None if b is None else b.index_select(0, channels.qkv_index))
-        return qkv.reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    qkv = attn.qkv(x)
-    if channels is not None and channels.qkv_mask is not None:
-        qkv = qkv * channels.qkv_mask
-    return qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-
-
-def _attention(attn: Attention, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None,
-               channels: ChannelPlan | None = None):
-    """timm Attention's forward with an additive bias, optionally exposing q and k.
-
-    With a training ``policy`` (B, N) the attention is explicit and multiplicatively masked, as in
-    SPViT and DynamicViT: an additive -inf mask would stop the gradient to the keep decisions.
-    A ``channels`` plan (CDCP) masks the qkv outputs or computes only the kept ones; the softmax
-    scale stays ``attn.scale`` (the unpruned head dim's, which the weights were trained with).
-    """
-    batch, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = _qkv(attn, x, channels).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if policy is not None:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(_policy_attention(logits, policy)) @ v
-    elif attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0,
-            scale=attn.scale,
-        )
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, -1))
-    if gate is not None:
-        out = out * gate
-    if channels is not None and channels.v_index is not None:
-        out = F.linear(out, attn.proj.weight.index_select(1, channels.v_index), attn.proj.bias)
-    else:
-        out = attn.proj(out)
-    return attn.proj_drop(out), (q, k) if want_info else None
-
-
-def _attn_residual(blk: Block, x: Tensor, bias: Tensor | None, want_info: bool, policy: Tensor | None = None,
-                   channels: ChannelPlan | None = None):
-    out, qk = _attention(blk.attn, blk.norm1(x), bias, want_info, policy, channels)
-    return x + blk.drop_path1(blk.ls1(out)), qk
-
-
-def _mlp(mlp: nn.Module, x: Tensor, channels: ChannelPlan) -> Tensor:
-    """timm Mlp's forward on the kept hidden channels only (sliced) or with the hidden mask (training)."""
-    idx = channels.mlp_index
-    if idx is not None:
-        b = mlp.fc1.bias
-        h = F.linear(x, mlp.fc1.weight.index_select(0, idx), None if b is None else b.index_select(0, idx))
-    else:
-        h = mlp.fc1(x)
-    h = mlp.act(h)
-    if channels.mlp_mask is not None:
-        h = h * channels.mlp_mask
-    h = mlp.norm(mlp.drop1(h))
-    h = mlp.fc2(h) if idx is None else F.linear(h, mlp.fc2.weight.index_select(1, idx), mlp.fc2.bias)
-    return mlp.drop2(h)
-
-
-def _mlp_residual(blk: Block, x: Tensor, channels: ChannelPlan | None = None) -> Tensor:
-    if channels is None or (channels.mlp_mask is None and channels.mlp_index is None):
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x + blk.drop_path2(blk.ls2(_mlp(blk.mlp, blk.norm2(x), channels)))
-
-
 def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: bool = False) -> TokenState:
-    """One timm Block on a TokenState, with the reducer's hooks (and its channel plan, if any)."""
+    """One timm Block on a TokenState, with the reducer's hooks and the kernel it (or the state) asks for."""
     if reducer is not None:
         state = reducer.before_block(state)
     bias = state.attn_bias()
-    channels = reducer.channel_plan() if reducer is not None else None
+    kernel = (reducer.block_kernel(state) if reducer is not None else None) or state.kernel or DEFAULT_KERNEL
+    want_qk = reducer is not None
     if state.trace is not None:
         state.trace.append((state.x.shape[1], -1))
     if ckpt:
-        state.x, qk = checkpoint(_attn_residual, blk, state.x, bias, reducer is not None, state.policy, channels,
-                                 use_reentrant=False)
+        state.x, qk = checkpoint(attn_residual, blk, state.x, bias, kernel, want_qk, use_reentrant=False)
     else:
-        state.x, qk = _attn_residual(blk, state.x, bias, reducer is not None, state.policy, channels)
+        state.x, qk = attn_residual(blk, state.x, bias, kernel, want_qk)
     if reducer is not None:
         state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias))
     if state.trace is not None:
         state.trace[-1] = (state.trace[-1][0], state.x.shape[1])
     if ckpt:
-        state.x = checkpoint(_mlp_residual, blk, state.x, channels, use_reentrant=False)
+        state.x = checkpoint(mlp_residual, blk, state.x, kernel, use_reentrant=False)
     else:
-        state.x = _mlp_residual(blk, state.x, channels)
+        state.x = mlp_residual(blk, state.x, kernel)
     if reducer is not None:
         state = reducer.after_block(state)
     return state
@@ -289,8 +201,6 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     options = get_method(method).prepare(model, dict(options))
     if macs is None:
         return _attach(model, method, options, prop_attn)
-    from vitslim.measure.macs import count_macs
-
     try:
         target = float(macs)
     except (TypeError, ValueError):
@@ -303,31 +213,16 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     unpatch(model)
     dense = count_macs(model)
 
-    ratios: dict[int, float] = {}
-
     def ratio(level: int) -> float:
-        if level not in ratios:
-            _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
-            ratios[level] = count_macs(model) / dense
-        return ratios[level]
+        _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
+        return count_macs(model) / dense
 
-    lo, hi = 0, method_cls.max_level(model, **base)
-    best_ratio = ratio(hi)
-    if best_ratio > target * 1.02:
+    try:
+        level = search_level(ratio, target, method_cls.max_level(model, **base), what=method, knob="macs",
+                             unit=" of the dense MACs")
+    except VitslimError:
         unpatch(model)
-        raise VitslimError(
-            f"macs={target} is out of reach for {method}: its strongest setting on this model "
-            f"gives {best_ratio:.3f} of the dense MACs; ask for at least {best_ratio:.2f}"
-        )
-    while hi - lo > 1:  # smallest level whose MACs are at or under the target
-        mid = (lo + hi) // 2
-        if ratio(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    # pick whichever neighbour lands closer to the target
-    r_lo, r_hi = ratio(lo), ratio(hi)
-    level = lo if abs(r_lo - target) < abs(r_hi - target) else hi
+        raise
     _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
     model.vitslim_config["macs_target"] = target
     return model
@@ -351,14 +246,12 @@ def strip_training_modules(model: nn.Module) -> nn.Module:
 
 def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Method, options and tokens per block (into attention, into MLP) of a (patched) model."""
-    from vitslim.measure.macs import default_input_size
-
     input_size = input_size or default_input_size(model)
     if not is_patched(model):
         check_supported(model)
         n = model.num_prefix_tokens + model.patch_embed.num_patches
         return {"method": "dense", "options": {}, "macs_target": None,
-                "tokens": [(n, n)] * len(model.blocks)}
+                "tokens": [(n, n)] * len(model.blocks), "plan": {}}
     was_training = model.training
     model.eval()
     try:
@@ -367,5 +260,6 @@ def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -
     finally:
         model.train(was_training)
     cfg = model.vitslim_config
+    plan = {int(i): r.plan() for i, r in model.vitslim_reducers.items() if r.plan()}
     return {"method": cfg["method"], "options": cfg["options"], "macs_target": cfg["macs_target"],
-            "prop_attn": cfg["prop_attn"], "tokens": state.trace}
+            "prop_attn": cfg["prop_attn"], "tokens": state.trace, "plan": plan}

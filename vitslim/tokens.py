@@ -10,7 +10,11 @@ Conventions (all methods rely on them):
   gather per reduction, so it is off unless a caller asks for it, e.g. for ``unmerge``).
 - ``grid`` is the (H, W) shape of the patch tokens while they still form a rectangle in raster
   order, ``None`` once a reduction scrambles them; ``grid0`` is the original patch grid.
-Merges are scatter-sum then divide (never scatter-mean), so they export to ONNX.
+- ``kernel``: a ``vitslim.kernels.BlockKernel`` that a reducer installs for every later block
+  (e.g. attention that masks dropped tokens while training); ``None`` is timm's computation.
+- ``aux``: what methods ask of the training loss (``AuxLoss``, ``TokenTarget`` below).
+Merges are index-adds of weighted differences onto the destination rows, or scatter-sums then a
+divide (never scatter-mean), so they export to ONNX.
 """
 from __future__ import annotations
 
@@ -20,6 +24,28 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from vitslim.kernels import BlockKernel
+
+FINAL = -1  # TokenTarget.block for the dense teacher's tokens after its final norm
+
+
+# NamedTuples, not dataclasses: DDP (find_unused_parameters) and pytree look inside tuples for tensors
+class AuxLoss(NamedTuple):
+    """A loss term a method computed during the forward, already carrying its own weight."""
+
+    name: str
+    value: Tensor
+
+
+class TokenTarget(NamedTuple):
+    """Student tokens (B, n, C) to match against the teacher's patch tokens after block ``block`` (FINAL: final norm)."""
+
+    student: Tensor
+    block: int
+    weight: float = 1.0
+    mask: Tensor | None = None  # (B, n) bool or 0/1: which tokens count (None: all)
+    name: str = "token"
 
 
 @dataclass
@@ -33,9 +59,8 @@ class TokenState:
     size: Tensor | None = None
     source: Tensor | None = None
     prop_attn: bool = False
-    keep: list[Tensor] = field(default_factory=list)  # training-time keep masks, per reduction
-    policy: Tensor | None = None  # training: (B, N) 1 = token kept, 0 = masked out of attention (SPViT)
-    aux: list[Any] = field(default_factory=list)  # extra losses methods add while training
+    kernel: BlockKernel | None = None  # how every later block computes (set by a reducer); None: timm's
+    aux: list[Any] = field(default_factory=list)  # what methods ask of the loss while training (AuxLoss, TokenTarget)
     scratch: dict[str, Any] = field(default_factory=dict)  # a reducer's values between its hooks in one block
     trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
 

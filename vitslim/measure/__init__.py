@@ -1,7 +1,21 @@
-"""Measurement used by the CLI, the benchmarks and the tests alike: MACs, speed, accuracy."""
-from vitslim.measure.accuracy import evaluate
-from vitslim.measure.macs import analytic_macs, count_macs
-from vitslim.measure.speed import compare_speed, ideal_model, latency, throughput
+"""Measurement used by the CLI, the benchmarks and the tests alike: MACs, speed, accuracy.
 
-__all__ = ["count_macs", "analytic_macs", "throughput", "latency", "compare_speed", "ideal_model",
-           "evaluate"]
+Names load on first use: ``vitslim.measure.macs`` sits below the spine (``vitslim.patch`` counts
+MACs for ``macs=``), while the rest of the package sits above it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "count_macs": "macs", "analytic_macs": "macs", "throughput": "speed", "latency": "speed",
+    "compare_speed": "speed", "ideal_model": "speed", "evaluate": "accuracy", "fit_latency": "latency_budget",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"vitslim.measure.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'vitslim.measure' has no attribute {name!r}")

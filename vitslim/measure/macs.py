@@ -62,23 +62,26 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     return counter.get_total_flops() // (2 * batch_size)
 
 
-def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None) -> int:
+def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None, *, blocks_only: bool = False) -> int:
     """Per-image MACs from the per-block formula, for tokens (into attention, into MLP) per block.
 
     Block: qkv Na*C*3A + attention 2*Na^2*A + proj Na*A*C + MLP 2*Nm*C*hidden
-    (A = attention width); plus the patch embedding and the classifier. Reducer work is not
-    included: this is the cost of the dense blocks on those token counts.
+    (A = attention width); plus the patch embedding and the classifier unless ``blocks_only``.
+    Reducer work is not included: this is the cost of the dense blocks on those token counts.
     """
     pe = model.patch_embed
     dim = model.embed_dim
     n = model.num_prefix_tokens + pe.num_patches
     tokens = tokens or [(n, n)] * len(model.blocks)
-    total = pe.num_patches * pe.proj.in_channels * math.prod(pe.patch_size) * dim
+    total = 0
     for blk, (n_attn, n_mlp) in zip(model.blocks, tokens):
         width = blk.attn.attn_dim
         hidden = blk.mlp.fc1.out_features
         total += n_attn * dim * 3 * width + 2 * n_attn * n_attn * width + n_attn * width * dim
         total += 2 * n_mlp * dim * hidden
+    if blocks_only:
+        return total
+    total += pe.num_patches * pe.proj.in_channels * math.prod(pe.patch_size) * dim
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):
         total += head.in_features * head.out_features

@@ -20,6 +20,7 @@ Option ``schedule``: "3:W,7:H" (0-based block: axis; the default for 12 blocks),
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from typing import Any
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import AttnInfo, Method, Reducer, register, reject_unknown
+from vitslim.measure.macs import analytic_macs
+from vitslim.methods.base import AttnInfo, Method, MethodOptions, Reducer, register
 from vitslim.tokens import TokenState, remap_source
 
 AXES = ("W", "H")
@@ -102,11 +104,7 @@ def check_schedule(model: nn.Module, pairs: list[tuple[int, str]]) -> None:
 
 def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
     """Analytic MACs of the blocks (qkv, attention, proj, MLP) for those token counts, per image."""
-    total = 0.0
-    for blk, (na, nm) in zip(model.blocks, counts):
-        dim, width, hidden = blk.attn.qkv.in_features, blk.attn.attn_dim, blk.mlp.fc1.out_features
-        total += na * dim * 4 * width + 2 * na * na * width + 2 * nm * dim * hidden
-    return total
+    return float(analytic_macs(model, counts, blocks_only=True))
 
 
 def schedule_family(model: nn.Module) -> list[str]:
@@ -221,22 +219,32 @@ class ATMEMerge(Reducer):
         return f"axis={self.axis}"
 
 
+@dataclasses.dataclass
+class ATMEOptions(MethodOptions):
+    """ATME: which blocks merge neighbours, along which axis."""
+
+    schedule: Any = dataclasses.field(default=None, metadata={
+        "help": "'BLOCK:AXIS,...' with AXIS W or H (0-based blocks); default 3:W,7:H scaled to the depth",
+        "source": "ours (CAIT's abstract gives no schedule; methods notes 4.2)"})
+
+    def resolved(self, model: nn.Module) -> "ATMEOptions":
+        """The schedule in canonical form, checked against the model's grid."""
+        depth = len(model.blocks)
+        pairs = parse_schedule(default_schedule(depth) if self.schedule is None else self.schedule, depth)
+        check_schedule(model, pairs)
+        return ATMEOptions(schedule=format_schedule(pairs))
+
+
 @register
 class ATME(Method):
     """CAIT-style ATME (vitslim reconstruction): neighbour merging on a grid; knob ``schedule``."""
 
     name = "atme"
+    Options = ATMEOptions
     prop_attn_default = True  # off the shelf; pass prop_attn=False to train without it (ToMe's advice)
 
-    def resolve(self, model: nn.Module, schedule: Any = None, **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "schedule (e.g. '3:W,7:H')")
-        depth = len(model.blocks)
-        pairs = parse_schedule(default_schedule(depth) if schedule is None else schedule, depth)
-        check_schedule(model, pairs)
-        return {"schedule": format_schedule(pairs)}
-
     def reducers(self) -> dict[int, Reducer]:
-        return {b: ATMEMerge(a) for b, a in parse_schedule(self.options["schedule"], len(self.model.blocks))}
+        return {b: ATMEMerge(a) for b, a in parse_schedule(self.config.schedule, len(self.model.blocks))}
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:

@@ -26,21 +26,83 @@ every head). Everything else is ours (``../shared/reference/methods.md`` 4.3):
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (AttnInfo, ChannelPlan, KeepRateLevels, Method, Reducer, calibration_batches,
-                             check_rate, register, reject_unknown)
+from vitslim.kernels import BlockKernel
+from vitslim.methods.base import (AttnInfo, KeepRateLevels, Method, MethodOptions, ParamOptions, Reducer,
+                                  calibration_batches, check_rate, register)
 from vitslim.tokens import TokenState
 
 RAMP_END, FREEZE_AT = 0.3, 0.9  # fractions of training: sparsity ramp, then counts frozen; indices frozen
 SCORE_LR_SCALE = 10.0  # [DESIGN] scores are O(1) while the ST gradients are small: a larger lr lets them swap
 IMPORTANCES = ("magnitude", "taylor")
 CALIBRATION_BATCHES = 100
+
+
+class ChannelPlan(NamedTuple):
+    """Channels of one block to keep; every field None = all channels.
+
+    Masks multiply (training: straight-through masks, gradients reach the scores); indices compute
+    only the kept channels (inference: fewer MACs, and what ``count_macs`` counts).
+    """
+
+    qkv_mask: Tensor | None = None  # (3*H*d,) over attn.qkv's outputs, in timm's (3, H, d) layout
+    mlp_mask: Tensor | None = None  # (hidden,) multiplied into act(fc1 x)
+    qkv_index: Tensor | None = None  # kept rows of attn.qkv, (3, H, d') flattened: equal d' for q, k and v
+    v_index: Tensor | None = None  # kept input columns of attn.proj, (H, d') flattened
+    mlp_index: Tensor | None = None  # kept fc1 rows = fc2 input columns
+
+
+class ChannelKernel(BlockKernel):
+    """A block computed on some of its channels: masked (training) or only the kept ones (inference).
+
+    The softmax scale stays ``attn.scale`` (the unpruned head dim's, which the weights were trained with).
+    """
+
+    def __init__(self, plan: ChannelPlan):
+        self.plan = plan
+
+    def qkv(self, attn: nn.Module, x: Tensor) -> Tensor:
+        """All channels, masked ones (training) or only the kept rows (sliced), as (3, B, H, N, d')."""
+        batch, n, _ = x.shape
+        index = self.plan.qkv_index
+        if index is not None:
+            b = attn.qkv.bias
+            qkv = F.linear(x, attn.qkv.weight.index_select(0, index), None if b is None else b.index_select(0, index))
+            return qkv.reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(x)
+        if self.plan.qkv_mask is not None:
+            qkv = qkv * self.plan.qkv_mask
+        return qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+
+    def project(self, attn: nn.Module, x: Tensor) -> Tensor:
+        """The output projection on the kept value channels."""
+        if self.plan.v_index is not None:
+            return F.linear(x, attn.proj.weight.index_select(1, self.plan.v_index), attn.proj.bias)
+        return attn.proj(x)
+
+    def mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
+        """timm Mlp's forward on the kept hidden channels only (sliced) or with the hidden mask (training)."""
+        idx, mask = self.plan.mlp_index, self.plan.mlp_mask
+        if idx is None and mask is None:
+            return mlp(x)
+        if idx is not None:
+            b = mlp.fc1.bias
+            h = F.linear(x, mlp.fc1.weight.index_select(0, idx), None if b is None else b.index_select(0, idx))
+        else:
+            h = mlp.fc1(x)
+        h = mlp.act(h)
+        if mask is not None:
+            h = h * mask
+        h = mlp.norm(mlp.drop1(h))
+        h = mlp.fc2(h) if idx is None else F.linear(h, mlp.fc2.weight.index_select(1, idx), mlp.fc2.bias)
+        return mlp.drop2(h)
 
 
 def channel_step(n: int) -> int:
@@ -156,8 +218,6 @@ def ramp_keep(keep_rate: float, progress: float) -> float:
 class ChannelScores(nn.Module):
     """Learnable channel scores of one block (their own lr scale, no weight decay: 1-D)."""
 
-    vitslim_lr_scale = SCORE_LR_SCALE
-
     def __init__(self, importance: dict[str, Tensor]):
         super().__init__()
         self.qk = nn.Parameter(_normalised(importance["qk"]))
@@ -209,7 +269,21 @@ class ChannelBlock(Reducer):
         s = score.sigmoid()
         return mask + s - s.detach()
 
-    def channel_plan(self) -> ChannelPlan | None:
+    def block_kernel(self, state: TokenState) -> BlockKernel | None:
+        """This block computed on its kept channels (None when it keeps them all)."""
+        plan = self.channel_plan()
+        return None if all(v is None for v in plan) else ChannelKernel(plan)
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """The channel scores train at SCORE_LR_SCALE x the method lr (1-D: no weight decay)."""
+        return {"scores.": ParamOptions(lr_scale=SCORE_LR_SCALE)}
+
+    def plan(self) -> dict[str, Any]:
+        """Kept channels per head (qk and v share the count) and MLP hidden channels."""
+        kh, km = self.counts.tolist()
+        return {"head_dim": kh, "hidden": km}
+
+    def channel_plan(self) -> ChannelPlan:
         """Training: straight-through masks; eval: the kept channels' indices (None where all are kept)."""
         if self.probe is not None:
             return ChannelPlan(qkv_mask=self.probe[0], mlp_mask=self.probe[1])
@@ -244,7 +318,7 @@ class ChannelBlock(Reducer):
 
         return merge_neighbours(state, attn.keys, self.merge_axis)
 
-    def vitslim_set_progress(self, step: int, total_steps: int) -> None:
+    def set_progress(self, step: int, total_steps: int) -> None:
         """Training progress from the engine: ramp and re-allocate the counts, then freeze (first block only)."""
         if not self.group:
             return
@@ -268,14 +342,12 @@ class ChannelBlock(Reducer):
         return f"head_dim={kh}/{self.head_dim}, hidden={km}/{self.hidden}{axis}"
 
 
-def channel_blocks(model: nn.Module, keep_rate: float, importance: str,
+def channel_blocks(model: nn.Module, keep_rate: float, taylor: list[dict[str, Tensor]] | None,
                    tokens: list[tuple[int, int]], merges: dict[int, str] | None = None) -> dict[int, Reducer]:
-    """One ChannelBlock per block, counts allocated for ``keep_rate`` at these token counts."""
+    """One ChannelBlock per block (scores from ``taylor`` or weight magnitudes), counts allocated for ``keep_rate``."""
     merges = merges or {}
-    if importance == "taylor" and getattr(model, "_vitslim_channel_importance", None) is not None:
-        imp = model._vitslim_channel_importance
-    else:  # also a restored checkpoint: its scores, counts and masks come from the state dict
-        imp = magnitude_importance(model)
+    # without Taylor values (also a restored checkpoint: its scores, counts and masks come from the state dict)
+    imp = taylor if taylor is not None else magnitude_importance(model)
     blocks = [ChannelBlock(blk, imp[i], (blk.attn.head_dim, blk.mlp.fc1.out_features), tokens[i], merges.get(i))
               for i, blk in enumerate(model.blocks)]
     counts = allocate(blocks, keep_rate)
@@ -296,15 +368,40 @@ def resolve_importance(importance: Any) -> str:
 
 
 def prepare_calibration(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``calibration=`` (and ``calibration_batches=``) -> Taylor importance stored on the model."""
+    """``calibration=`` (and ``calibration_batches=``) -> Taylor importance values in the options (``taylor``)."""
     data = options.pop("calibration", None)
     batches = options.pop("calibration_batches", CALIBRATION_BATCHES)
     if data is None:
         return options
     check_channel_model(model)
-    model._vitslim_channel_importance = taylor_importance(model, data, int(batches))
+    options["taylor"] = taylor_importance(model, data, int(batches))
     options["importance"] = "taylor"
     return options
+
+
+def taylor_field() -> Any:
+    """The ``taylor`` option: calibration values, used to start the scores, not recorded with the options."""
+    return dataclasses.field(default=None, repr=False, metadata={
+        "internal": True, "help": "per-block Taylor importance from calibration= (set by prepare)"})
+
+
+@dataclasses.dataclass
+class CDCPOptions(MethodOptions):
+    """CDCP: the kept fraction of the blocks' MACs and how channels are scored at the start."""
+
+    keep_rate: float = dataclasses.field(default=0.7, metadata={
+        "help": "kept fraction of the blocks' channel MACs",
+        "source": "ours (CAIT's abstract gives no rate); 0.7 matches the token methods' defaults"})
+    importance: str = dataclasses.field(default="magnitude", metadata={
+        "help": "'magnitude' (data-free) or 'taylor' (pass calibration=DATA)",
+        "source": "ours (methods notes 4.3)"})
+    taylor: Any = taylor_field()
+
+    def resolved(self, model: nn.Module) -> "CDCPOptions":
+        """Validated rate and importance; the model must be channel-prunable."""
+        check_channel_model(model)
+        return CDCPOptions(keep_rate=check_rate("keep_rate", self.keep_rate),
+                           importance=resolve_importance(self.importance), taylor=self.taylor)
 
 
 @register
@@ -312,18 +409,12 @@ class CDCP(KeepRateLevels, Method):
     """CAIT-style CDCP (vitslim reconstruction): head-consistent channel masks; knob ``keep_rate``."""
 
     name = "cdcp"
-
-    def resolve(self, model: nn.Module, keep_rate: Any = 0.7, importance: Any = "magnitude",
-                **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "keep_rate (kept fraction of the blocks' MACs), importance, "
-                                         "calibration (data for Taylor importance)")
-        check_channel_model(model)
-        return {"keep_rate": check_rate("keep_rate", keep_rate), "importance": resolve_importance(importance)}
+    Options = CDCPOptions
 
     def reducers(self) -> dict[int, Reducer]:
         n = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
         tokens = [(n, n)] * len(self.model.blocks)
-        return channel_blocks(self.model, self.options["keep_rate"], self.options["importance"], tokens)
+        return channel_blocks(self.model, self.config.keep_rate, self.config.taylor, tokens)
 
     @classmethod
     def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:

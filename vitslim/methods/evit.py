@@ -8,16 +8,16 @@ prefix token is kept. ``keep_order=True`` (default, ours) keeps the kept tokens 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from torch import nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (AttnInfo, KeepRateLevels, Method, Reducer, check_locations, check_rates,
-                             default_locations, rates_per_location, register, reject_unknown)
+from vitslim.methods.base import (AttnInfo, KeepRateLevels, Method, MethodOptions, Reducer, check_rates,
+                                  rates_per_location, register, resolve_locations)
 from vitslim.tokens import TokenState, keep_tokens
-
 
 
 class AttentiveKeep(Reducer):
@@ -44,29 +44,45 @@ class AttentiveKeep(Reducer):
         return f"keep_rate={self.keep_rate}, fuse={self.fuse}, keep_order={self.keep_order}"
 
 
+@dataclasses.dataclass
+class EViTOptions(MethodOptions):
+    """EViT / top-k: where to keep the attentive tokens and how many."""
+
+    keep_rate: Any = dataclasses.field(default=1.0, metadata={
+        "help": "fraction of the patch-side tokens kept at each location (one value, or one per location)",
+        "source": "EViT (Liang et al., ICLR 2022) §3.2: 0.7 in the paper; 1.0 = no reduction until a budget is given"})
+    locations: Any = dataclasses.field(default=None, metadata={
+        "help": "0-based blocks to reduce at; default depth//4, depth//2, 3*depth//4",
+        "source": "EViT: blocks 4, 7, 10 (1-based) of DeiT's 12"})
+    keep_order: bool = dataclasses.field(default=True, metadata={
+        "help": "keep the kept tokens in raster order (False: by attention rank, as the official code)",
+        "source": "ours: raster order keeps the grid's neighbourhoods together"})
+
+    def resolved(self, model: nn.Module) -> "EViTOptions":
+        """Validated keep rates and locations for this model."""
+        locs = resolve_locations("evit", self.locations, len(model.blocks))
+        return EViTOptions(keep_rate=check_rates(self.keep_rate, locs), locations=locs,
+                           keep_order=bool(self.keep_order))
+
+
 @register
 class EViT(KeepRateLevels, Method):
     """Attentive-token keeping at a few blocks; knob ``keep_rate`` (one value or one per location)."""
 
     name = "evit"
+    Options = EViTOptions
     fuse = True
 
-    def resolve(self, model: nn.Module, keep_rate: Any = 1.0, locations: Any = None,
-                keep_order: bool = True, **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "keep_rate, locations, keep_order")
+    def __init__(self, model: nn.Module, **options: Any):
         if getattr(model, "cls_token", None) is None:
             raise VitslimError(
                 f"{self.name} ranks tokens by the class token's attention and this model has no class "
                 "token: use tome"
             )
-        depth = len(model.blocks)
-        locs = default_locations(depth) if locations is None else check_locations(locations, depth)
-        return {"keep_rate": check_rates(keep_rate, locs), "locations": locs,
-                "keep_order": bool(keep_order)}
+        super().__init__(model, **options)
 
     def reducers(self) -> dict[int, Reducer]:
-        locs, rates = self.options["locations"], self.options["keep_rate"]
-        rates = rates_per_location(rates, locs)
-        return {i: AttentiveKeep(r, self.fuse, self.options["keep_order"])
+        locs = self.config.locations
+        rates = rates_per_location(self.config.keep_rate, locs)
+        return {i: AttentiveKeep(r, self.fuse, self.config.keep_order)
                 for i, r in zip(locs, rates) if r < 1.0}
-

@@ -37,6 +37,7 @@ Our decisions where the paper or code is unclear (README, "Prune-and-Merge"):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pathlib
 from typing import Any, Iterable
@@ -45,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitslim.budget import LEVEL_STEP
 from vitslim.errors import VitslimError
-from vitslim.methods import (Method, Reducer, calibration_batches, check_locations, check_rate, register,
-                             reject_unknown)
+from vitslim.methods.base import (Method, MethodOptions, ParamOptions, Reducer, calibration_batches, check_locations,
+                                  check_rate, register)
 from vitslim.tokens import TokenState
 
-RATE_STEP = 0.005  # keep_rate steps of the macs= search: about one token per block at 196 patches
+RATE_STEP = LEVEL_STEP  # keep_rate steps of the macs= search: about one token per block at 196 patches
 OFFICIAL_ITERS = 250  # the official scoring pass: prune_iter batches of 256
 DATA_FREE_BATCHES, DATA_FREE_BATCH_SIZE = 2, 16
 
@@ -254,7 +256,16 @@ class PruneMergeBlock(Reducer):
         self.register_buffer("score", score.float())  # the block's search score per patch (for inspection)
         self.register_buffer("centres", torch.tensor(centres, dtype=torch.long))  # patch indices (for inspection)
         self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
-        self.vitslim_no_decay = not decay_mr  # read by the training engine's parameter groups
+        self.decay_mr = decay_mr
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """M and R: no weight decay unless ``decay_mr`` (the official code decays them)."""
+        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
+
+    def plan(self) -> dict[str, Any]:
+        """This block's centre and pruned patch indices."""
+        offset = self.merge.shape[1] - self.score.numel()
+        return {"centres": self.centres.tolist(), "pruned": (self.pruned_index - offset).tolist()}
 
     @property
     def bypass(self) -> Tensor:
@@ -291,13 +302,78 @@ class PruneMergeBlock(Reducer):
 # the method
 
 
+@dataclasses.dataclass
+class PruneMergeOptions(MethodOptions):
+    """Prune-and-Merge: the plan's rates (or its per-block counts), its scores and the paper's constants."""
+
+    keep_rate: float = dataclasses.field(default=0.6, metadata={
+        "help": "fraction of each block's patches (on average over blocks) kept as merge centres",
+        "source": "Prune-and-Merge (Mao et al., TMM 2025), released DeiT-S setting"})
+    prune_rate: float = dataclasses.field(default=0.1, metadata={
+        "help": "fraction of patches (on average over blocks) that skip a block",
+        "source": "Prune-and-Merge, released DeiT-S setting"})
+    scores: Any = dataclasses.field(default=None, repr=False, metadata={
+        "internal": True, "help": "calibration scores (blocks x patches), or a file from `vitslim calibrate`"})
+    tokens: Any = dataclasses.field(default=None, metadata={
+        "help": "centres per block of a saved plan (rebuilds its shapes; set by the plan, not by users)"})
+    blocks: Any = dataclasses.field(default=None, metadata={"help": "0-based blocks to act on (default all)"})
+    depth_discount: float = dataclasses.field(default=0.025, metadata={
+        "help": "scores of block l are scaled by (1 - depth_discount * l)", "source": "official code"})
+    row_quirk: bool = dataclasses.field(default=True, metadata={
+        "help": "the official row test (a centre in the last column counts as the next row); False: plain rows",
+        "source": "official code"})
+    decay_mr: bool = dataclasses.field(default=False, metadata={
+        "help": "weight decay on the merge/reconstruct matrices", "source": "ours (the official code decays them)"})
+    pruned: Any = dataclasses.field(default=None, metadata={
+        "help": "pruned patches per block of a saved plan (with tokens)"})
+    plans: Any = dataclasses.field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def resolved(self, model: nn.Module) -> "PruneMergeOptions":
+        """Validated rates and the per-block plans (from the scores, or the regular shape of a saved plan)."""
+        depth, n = len(model.blocks), model.patch_embed.num_patches
+        blocks = list(range(depth)) if self.blocks is None else check_locations(self.blocks, depth)
+        keep_rate = check_rate("keep_rate", self.keep_rate)
+        prune_rate = float(self.prune_rate)
+        if not 0.0 <= prune_rate < 1.0 or keep_rate + prune_rate > 1.0 + 1e-9:
+            raise VitslimError(f"prune_rate={prune_rate} with keep_rate={keep_rate}: need 0 <= prune_rate < 1 and "
+                               "keep_rate + prune_rate <= 1 (centres and pruned tokens are disjoint)")
+        depth_discount = float(self.depth_discount)
+        if not 0.0 <= depth_discount * (max(blocks)) < 1.0:
+            raise VitslimError(f"depth_discount={depth_discount} makes the discount (1 - d * block) non-positive "
+                               f"by block {max(blocks)}: use a value below {1 / max(1, max(blocks)):.4f}")
+        scores, tokens, pruned = self.scores, self.tokens, self.pruned
+        if isinstance(scores, (str, pathlib.Path)):
+            scores = load_scores(scores)
+        if scores is None and tokens is None:  # patched without prepare(): score data-free
+            scores = calibrate(model)
+        if scores is not None:
+            scores = torch.as_tensor(scores).float().cpu()
+            if scores.shape == (depth, n) and len(blocks) < depth:
+                scores = scores[blocks]
+            if tuple(scores.shape) != (len(blocks), n):
+                raise VitslimError(f"scores have shape {tuple(scores.shape)}; this model needs ({len(blocks)}, {n}) "
+                                   "(blocks x patches): calibrate this model at its input size")
+            plans = global_plan(scores, keep_rate, prune_rate, blocks, depth_discount)
+        else:
+            tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(blocks)
+            if len(tokens) != len(blocks) or not all(1 <= int(t) <= n for t in tokens):
+                raise VitslimError(f"tokens must give 1..{n} centres for each of the {len(blocks)} blocks, got {tokens}")
+            pruned = [0] * len(tokens) if pruned is None else list(pruned)
+            if len(pruned) != len(tokens):
+                raise VitslimError(f"pruned gives {len(pruned)} counts for {len(tokens)} blocks")
+            plans = [regular_plan(n, int(t), int(q)) for t, q in zip(tokens, pruned)]
+        return PruneMergeOptions(keep_rate=keep_rate, prune_rate=prune_rate, blocks=blocks,
+                                 depth_discount=depth_discount, row_quirk=bool(self.row_quirk),
+                                 decay_mr=bool(self.decay_mr), tokens=[len(plan.centres) for plan in plans],
+                                 pruned=[int(plan.pruned.sum()) for plan in plans], plans=plans)
+
+
 @register
 class PruneMerge(Method):
     """Prune-and-Merge: a global plan from gradient-weighted attention; trainable merge/reconstruct per block."""
 
     name = "prune_merge"
-    ACCEPTED = ("keep_rate, prune_rate, calibration, calibration_batches, seed, scores, tokens, blocks, depth_discount, "
-                "row_quirk, decay_mr")
+    Options = PruneMergeOptions
 
     @classmethod
     def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
@@ -315,52 +391,12 @@ class PruneMerge(Method):
             options["scores"] = calibrate(model, calibration, batches=batches, seed=int(seed))
         return options
 
-    def resolve(self, model: nn.Module, keep_rate: Any = 0.6, prune_rate: Any = 0.1, scores: Any = None,
-                tokens: Any = None, blocks: Any = None, depth_discount: float = 0.025, row_quirk: bool = True,
-                decay_mr: bool = False, pruned: Any = None, **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, self.ACCEPTED)
-        depth, n = len(model.blocks), model.patch_embed.num_patches
-        blocks = list(range(depth)) if blocks is None else check_locations(blocks, depth)
-        keep_rate = check_rate("keep_rate", keep_rate)
-        prune_rate = float(prune_rate)
-        if not 0.0 <= prune_rate < 1.0 or keep_rate + prune_rate > 1.0 + 1e-9:
-            raise VitslimError(f"prune_rate={prune_rate} with keep_rate={keep_rate}: need 0 <= prune_rate < 1 and "
-                               "keep_rate + prune_rate <= 1 (centres and pruned tokens are disjoint)")
-        depth_discount = float(depth_discount)
-        if not 0.0 <= depth_discount * (max(blocks)) < 1.0:
-            raise VitslimError(f"depth_discount={depth_discount} makes the discount (1 - d * block) non-positive "
-                               f"by block {max(blocks)}: use a value below {1 / max(1, max(blocks)):.4f}")
-        if isinstance(scores, (str, pathlib.Path)):
-            scores = load_scores(scores)
-        if scores is None and tokens is None:  # patched without prepare(): score data-free
-            scores = calibrate(model)
-        if scores is not None:
-            scores = torch.as_tensor(scores).float().cpu()
-            if scores.shape == (depth, n) and len(blocks) < depth:
-                scores = scores[blocks]
-            if tuple(scores.shape) != (len(blocks), n):
-                raise VitslimError(f"scores have shape {tuple(scores.shape)}; this model needs ({len(blocks)}, {n}) "
-                                   "(blocks x patches): calibrate this model at its input size")
-            self.plans = global_plan(scores, keep_rate, prune_rate, blocks, depth_discount)
-        else:
-            tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(blocks)
-            if len(tokens) != len(blocks) or not all(1 <= int(t) <= n for t in tokens):
-                raise VitslimError(f"tokens must give 1..{n} centres for each of the {len(blocks)} blocks, got {tokens}")
-            pruned = [0] * len(tokens) if pruned is None else list(pruned)
-            if len(pruned) != len(tokens):
-                raise VitslimError(f"pruned gives {len(pruned)} counts for {len(tokens)} blocks")
-            self.plans = [regular_plan(n, int(t), int(q)) for t, q in zip(tokens, pruned)]
-        return {"keep_rate": keep_rate, "prune_rate": prune_rate, "blocks": blocks, "depth_discount": depth_discount,
-                "row_quirk": bool(row_quirk), "decay_mr": bool(decay_mr),
-                "tokens": [len(plan.centres) for plan in self.plans],
-                "pruned": [int(plan.pruned.sum()) for plan in self.plans]}
-
     def reducers(self) -> dict[int, Reducer]:
         grid_width = self.model.patch_embed.grid_size[1]
         p = self.model.num_prefix_tokens
-        return {block: PruneMergeBlock(merge_matrix(plan, grid_width, p, self.options["row_quirk"]), plan.centres,
-                                       plan.pruned, plan.score, self.options["decay_mr"])
-                for block, plan in zip(self.options["blocks"], self.plans)}
+        return {block: PruneMergeBlock(merge_matrix(plan, grid_width, p, self.config.row_quirk), plan.centres,
+                                       plan.pruned, plan.score, self.config.decay_mr)
+                for block, plan in zip(self.config.blocks, self.config.plans)}
 
     # macs=: keep_rate falls from 1 - prune_rate in steps of RATE_STEP (prune_rate stays as given)
     @classmethod

@@ -24,16 +24,16 @@ Our decisions (methods.md 2.6; the official code covers LV-ViT only):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from vitslim.errors import VitslimError
-from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rates, default_locations,
-                             rates_per_location, register, reject_unknown)
-from vitslim.tokens import TokenState, remap_source
+from vitslim.methods.base import (KeepRateLevels, Method, MethodOptions, ParamOptions, Reducer, check_rates,
+                                  rates_per_location, register, resolve_locations)
+from vitslim.tokens import TokenState, TokenTarget, remap_source
 
 REVERSE_LR_SCALE = 5.0  # the official RTSM parameter group's lr multiplier
 
@@ -60,9 +60,6 @@ class TokenSlimmer(nn.Module):
 
 class ReverseSlimmer(nn.Module):
     """RTSM: slimmed tokens (B, n_in, C) back to (B, n_dense, C); token MLP, then residual channel MLP."""
-
-    vitslim_lr_scale = REVERSE_LR_SCALE
-    vitslim_decay_all = True  # the official RTSM group has weight decay on every parameter
 
     def __init__(self, dim: int, n_in: int, n_dense: int):
         super().__init__()
@@ -112,13 +109,15 @@ class SiTReducer(Reducer):
     def after_block(self, state: TokenState) -> TokenState:
         """Training with FRD: ask for this block's (decoded) tokens to match the teacher's."""
         if self.training and self.frd:
-            from vitslim.train.losses import TokenTarget
-
             tokens = state.x[:, state.num_prefix:]
             if self.reverse is not None:
                 tokens = self.reverse(tokens)
             state.aux.append(TokenTarget(tokens, self.block, weight=1.0 / self.depth, name="frd"))
         return state
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """The reverse module: 5x lr, weight decay on every parameter (the official RTSM group)."""
+        return {"reverse.": ParamOptions(lr_scale=REVERSE_LR_SCALE, weight_decay="all")}
 
 
 def stage_counts(n0: int, rates: list[float]) -> list[int]:
@@ -130,27 +129,41 @@ def stage_counts(n0: int, rates: list[float]) -> list[int]:
     return counts
 
 
+@dataclasses.dataclass
+class SiTOptions(MethodOptions):
+    """SiT: where to slim, how much, and whether to build the training-only reverse modules."""
+
+    keep_rate: Any = dataclasses.field(default=0.5, metadata={
+        "help": "tokens kept per stage (one value, or one per location), cumulative over stages",
+        "source": "SiT (Zong et al., ECCV 2022), the released DeiT-S setting: 0.5 per stage"})
+    locations: Any = dataclasses.field(default=None, metadata={
+        "help": "0-based blocks a TSM runs before; default depth//4, depth//2, 3*depth//4",
+        "source": "ours: the official code covers LV-ViT only (methods notes 2.6)"})
+    reverse: bool = dataclasses.field(default=True, metadata={
+        "help": "build the reverse modules (RTSM) and FRD targets for training; False for inference",
+        "source": "SiT §3.3"})
+
+    def resolved(self, model: nn.Module) -> "SiTOptions":
+        """Validated keep rates and locations for this model."""
+        locs = resolve_locations("sit", self.locations, len(model.blocks), between_blocks=True)
+        return SiTOptions(keep_rate=check_rates(self.keep_rate, locs), locations=locs, reverse=bool(self.reverse))
+
+
 @register
 class SiT(KeepRateLevels, Method):
     """Soft token slimming (TSM) before a few blocks; ``reverse=True`` adds the training-only RTSM + FRD."""
 
     name = "sit"
-    distills_tokens = True  # the CLI gives it the dense teacher by default
+    Options = SiTOptions
 
-    def resolve(self, model: nn.Module, keep_rate: Any = 0.5, locations: Any = None, reverse: bool = True,
-                **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "keep_rate, locations, reverse")
-        depth = len(model.blocks)
-        locs = default_locations(depth) if locations is None else check_locations(locations, depth)
-        if locs[0] == 0:
-            raise VitslimError("sit slims between blocks: locations must be >= 1 (a TSM before block 0 would "
-                               "slim the raw patch embeddings)")
-        return {"keep_rate": check_rates(keep_rate, locs), "locations": locs,
-                "reverse": bool(reverse)}
+    @classmethod
+    def needs_teacher(cls, options: dict[str, Any]) -> bool:
+        """FRD distils every block from the dense model."""
+        return True
 
     def schedule(self) -> list[tuple[int, int, int]]:
         """(block, tokens in, tokens out) for every slim that changes the count."""
-        locs, rates = self.options["locations"], self.options["keep_rate"]
+        locs, rates = self.config.locations, self.config.keep_rate
         rates = rates_per_location(rates, locs)
         n = self.model.patch_embed.num_patches
         out, current = [], n
@@ -164,7 +177,7 @@ class SiT(KeepRateLevels, Method):
         dim, depth = self.model.embed_dim, len(self.model.blocks)
         n_dense = self.model.patch_embed.num_patches
         slims = {block: (n_in, n_out) for block, n_in, n_out in self.schedule()}
-        reverse = self.options["reverse"]
+        reverse = self.config.reverse
         reducers: dict[int, Reducer] = {}
         tokens = n_dense
         first = min(slims, default=depth)

@@ -11,7 +11,7 @@ Before each chosen block (DeiT: 3, 6, 9) a selector scores the patch-side tokens
 Training (shapes fixed): keep = Gumbel-softmax(S, hard, straight-through) x previous policy; the
 newly dropped tokens are packed into one package token sum_j P_j x_j (keep-probability weighted,
 not normalised) appended at the end; every later block masks the dropped keys (multiplicatively,
-so the selector gets gradients through attention; see ``vitslim.patch``). The ratio loss
+so the selector gets gradients through attention: ``PolicyKernel``). The ratio loss
 2/S * (mean keep over the original patches and the batch - target)^2 per stage and the token
 distillation of the final-norm patch tokens kept at the last stage go to the training engine.
 
@@ -21,10 +21,11 @@ real gather in raster order, and the package token built with the training formu
 static for a given budget, so any batch size works and the speed-up is real.
 
 Budgets: ``keep_rate`` is one rho (targets rho, rho^2, rho^3) or the cumulative targets per stage;
-``macs=`` searches rho; ``fit_latency`` searches rho for a measured latency on this machine.
+``macs=`` searches rho; ``vitslim.measure.fit_latency`` searches it for a latency measured here.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -32,11 +33,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import (KeepRateLevels, Method, Reducer, check_locations, check_rate, default_locations,
-                             register, reject_unknown)
-from vitslim.tokens import TokenState, keep_tokens
+from vitslim.kernels import BlockKernel
+from vitslim.methods.base import KeepRateLevels, Method, MethodOptions, Reducer, check_rate, register, resolve_locations
+from vitslim.tokens import FINAL, AuxLoss, TokenState, TokenTarget, keep_tokens
 
 RATIO_WEIGHT = 2.0  # official --ratiow, divided by the number of stages
+POLICY_EPS = 1e-6  # SPViT/DynamicViT's masked softmax: (e_ij + eps/N) / (sum_k e_ik + eps)
+
+
+def policy_attention(logits: Tensor, policy: Tensor) -> Tensor:
+    """Softmax with masked keys as a product (so gradients reach the keep decisions); the diagonal is kept."""
+    n = logits.shape[-1]
+    keep = policy[:, None, None, :].to(logits.dtype)
+    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+    keep = keep + (1.0 - keep) * eye  # a masked token still attends to itself
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
+    return (e + POLICY_EPS / n) / (e.sum(dim=-1, keepdim=True) + POLICY_EPS)
+
+
+class PolicyKernel(BlockKernel):
+    """Training: explicit attention whose dropped keys are masked multiplicatively (SPViT, DynamicViT).
+
+    An additive -inf mask would stop the gradient to the keep decisions. The selector stages install
+    it in the state (``TokenState.kernel``), so every later block masks; it also carries the keep
+    masks of every stage so far, for the ratio loss and the final token distillation.
+    """
+
+    def __init__(self, policy: Tensor, keep: list[Tensor]):
+        self.policy = policy  # (B, N) 1 = token kept, 0 = masked out of attention
+        self.keep = keep  # per stage: (B, n0) keep masks over the original patches
+
+    def attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """Explicit attention with the policy applied to the keys."""
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return attn.attn_drop(policy_attention(logits, self.policy)) @ v
 
 
 class TokenSelector(nn.Module):
@@ -90,12 +122,11 @@ class SelectorStage(Reducer):
         return self._train(state) if self.training else self._infer(state)
 
     def _train(self, state: TokenState) -> TokenState:
-        from vitslim.train.losses import AuxLoss
-
         p, x = state.num_prefix, state.x
         batch, n_all = x.shape[0], x.shape[1]
         side = x[:, p:]  # n0 patches + the package tokens of earlier stages
-        prev = state.policy[:, p:] if state.policy is not None else side.new_ones(batch, n_all - p)
+        earlier = state.kernel if isinstance(state.kernel, PolicyKernel) else None
+        prev = earlier.policy[:, p:] if earlier is not None else side.new_ones(batch, n_all - p)
         decision, keep_prob = self.selector(side, prev)
         if self.gumbel:
             keep = F.gumbel_softmax(decision, tau=1.0, hard=True)[..., 0] * prev
@@ -108,8 +139,8 @@ class SelectorStage(Reducer):
         package = torch.nan_to_num((keep_prob * dropped).unsqueeze(1) @ side)  # (B, 1, C)
         state.x = torch.cat([x, package], dim=1)
         ones = x.new_ones(batch, p)
-        state.policy = torch.cat([ones, keep, x.new_ones(batch, 1)], dim=1)
-        state.keep.append(keep[:, :self.n0])
+        policy = torch.cat([ones, keep, x.new_ones(batch, 1)], dim=1)
+        state.kernel = PolicyKernel(policy, (earlier.keep if earlier is not None else []) + [keep[:, :self.n0]])
         ratio = keep[:, :self.n0].mean()  # over the original patches and the whole batch (official)
         state.aux.append(AuxLoss("ratio", RATIO_WEIGHT / self.num_stages * (ratio - self.target) ** 2))
         return state
@@ -127,12 +158,10 @@ class SelectorStage(Reducer):
 
     def after_model(self, state: TokenState) -> TokenState:
         """Training, last stage: distil the final-norm patch tokens that are kept, from the teacher."""
-        if self.training and self.last and state.keep:
-            from vitslim.train.losses import FINAL, TokenTarget
-
+        if self.training and self.last and isinstance(state.kernel, PolicyKernel):
             p = state.num_prefix
             state.aux.append(TokenTarget(state.x[:, p:p + self.n0], FINAL, weight=1.0,
-                                         mask=state.keep[-1] > 0.5, name="token"))
+                                         mask=state.kernel.keep[-1] > 0.5, name="token"))
         return state
 
     def extra_repr(self) -> str:
@@ -152,62 +181,39 @@ def keep_targets(keep_rate: Any, stages: int) -> list[float]:
     return [round(rho ** (s + 1), 6) for s in range(stages)]
 
 
+@dataclasses.dataclass
+class SPViTOptions(MethodOptions):
+    """SPViT: the keep targets and where the selectors sit."""
+
+    keep_rate: Any = dataclasses.field(default=0.7, metadata={
+        "help": "rho (targets rho, rho^2, rho^3) or the cumulative keep target of each stage",
+        "source": "SPViT (Kong et al., ECCV 2022): DeiT-S targets 0.7 / 0.49 / 0.343"})
+    locations: Any = dataclasses.field(default=None, metadata={
+        "help": "0-based blocks a selector runs before; default depth//4, depth//2, 3*depth//4",
+        "source": "SPViT: before blocks 4, 7, 10 (1-based) of DeiT's 12"})
+
+    def resolved(self, model: nn.Module) -> "SPViTOptions":
+        """Validated cumulative targets and locations for this model."""
+        locs = resolve_locations("spvit", self.locations, len(model.blocks), between_blocks=True)
+        return SPViTOptions(keep_rate=keep_targets(self.keep_rate, len(locs)), locations=locs)
+
+
 @register
 class SPViT(KeepRateLevels, Method):
     """Multi-head token selector + package token before a few blocks; knob ``keep_rate`` (rho or targets)."""
 
     name = "spvit"
-    distills_tokens = True
+    Options = SPViTOptions
 
-    def resolve(self, model: nn.Module, keep_rate: Any = 0.7, locations: Any = None, latency_ms: Any = None,
-                **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "keep_rate, locations (and latency_ms, recorded by fit_latency)")
-        depth = len(model.blocks)
-        locs = default_locations(depth) if locations is None else check_locations(locations, depth)
-        if locs[0] == 0:
-            raise VitslimError("spvit selects between blocks: locations must be >= 1")
-        options = {"keep_rate": keep_targets(keep_rate, len(locs)), "locations": locs}
-        if latency_ms is not None:
-            options["latency_ms"] = latency_ms
-        return options
+    @classmethod
+    def needs_teacher(cls, options: dict[str, Any]) -> bool:
+        """The final kept tokens are distilled from the dense model."""
+        return True
 
     def reducers(self) -> dict[int, Reducer]:
         m = self.model
         n0 = m.patch_embed.num_patches
-        locs, targets = self.options["locations"], self.options["keep_rate"]
+        locs, targets = self.config.locations, self.config.keep_rate
         heads = m.blocks[0].attn.num_heads
         return {block: SelectorStage(m.embed_dim, heads, s, len(locs), t, n0, last=s == len(locs) - 1)
                 for s, (block, t) in enumerate(zip(locs, targets))}
-
-
-
-def fit_latency(model: nn.Module, latency_ms: float, *, threads: int = 2, runs: int = 20,
-                **options: Any) -> nn.Module:
-    """Patch ``model`` with the largest rho whose measured batch-1 latency here is at most ``latency_ms``.
-
-    A bisection over rho with ``vitslim.measure.latency`` on this machine; the measured latency
-    is recorded in the options as ``latency_ms``.
-    """
-    import vitslim
-    from vitslim.measure.speed import latency
-
-    def measured(level: int) -> float:
-        vitslim.patch(model, "spvit", **SPViT.options_for_level(model, level, **options))
-        return latency(model.eval(), runs=runs, threads=threads)["median_ms"]
-
-    lo, hi = 0, SPViT.max_level(model)
-    fastest = measured(hi)
-    if fastest > latency_ms:
-        raise VitslimError(f"latency {latency_ms} ms is out of reach: the strongest spvit setting takes "
-                           f"{fastest:.2f} ms here (batch 1, {threads} threads)")
-    if measured(lo) <= latency_ms:
-        hi = lo
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measured(mid) > latency_ms:
-            lo = mid
-        else:
-            hi = mid
-    ms = measured(hi)
-    vitslim.patch(model, "spvit", **SPViT.options_for_level(model, hi, **options), latency_ms=round(ms, 3))
-    return model

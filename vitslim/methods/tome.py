@@ -9,12 +9,13 @@ average pooling is size-weighted.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from torch import nn
 
 from vitslim.errors import VitslimError
-from vitslim.methods import AttnInfo, Method, Reducer, register, reject_unknown
+from vitslim.methods.base import AttnInfo, Method, MethodOptions, Reducer, register
 from vitslim.tokens import TokenState, bipartite_matching, merge_matched
 
 
@@ -63,19 +64,29 @@ class ToMeMerge(Reducer):
         return f"r={self.r}"
 
 
+@dataclasses.dataclass
+class ToMeOptions(MethodOptions):
+    """ToMe's knob: tokens merged per block."""
+
+    r: Any = dataclasses.field(default=0, metadata={
+        "help": "merges per block: an int, a per-block list, or (r, inflection)",
+        "source": "ToMe (Bolya et al., ICLR 2023) §3; 0 = no merging until a budget is given"})
+
+    def resolved(self, model: nn.Module) -> "ToMeOptions":
+        """r as one int per block."""
+        return ToMeOptions(r=parse_r(self.r, len(model.blocks)))
+
+
 @register
 class ToMe(Method):
     """Token merging in every block; knob ``r`` (int, per-block list, or (r, inflection))."""
 
     name = "tome"
-    prop_attn_default = True
-
-    def resolve(self, model: nn.Module, r: Any = 0, **extra: Any) -> dict[str, Any]:
-        reject_unknown(self.name, extra, "r")
-        return {"r": parse_r(r, len(model.blocks))}
+    Options = ToMeOptions
+    prop_attn_default = True  # proportional attention, as in ToMe
 
     def reducers(self) -> dict[int, Reducer]:
-        return {i: ToMeMerge(r) for i, r in enumerate(self.options["r"]) if r > 0}
+        return {i: ToMeMerge(r) for i, r in enumerate(self.config.r) if r > 0}
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:

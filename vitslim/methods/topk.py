@@ -3,7 +3,7 @@
 At the chosen blocks, keep the ceil(keep_rate * n) patch tokens with the highest head-averaged
 CLS attention and drop the rest (their patches map to -1 in the source map).
 """
-from vitslim.methods import register
+from vitslim.methods.base import register
 from vitslim.methods.evit import EViT
 
 

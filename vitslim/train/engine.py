@@ -11,13 +11,13 @@ Design points (each is why something below looks the way it does):
   rank's RNG states and the position inside the epoch. The sampler restarts at that batch and
   the loader takes its seed from its own generator, never from the global RNG, so a resumed
   run continues the same random streams (exact on CPU with ``deterministic=True``).
-- **Methods plug in through the forward.** A patched model's training forward returns its
-  ``TokenState``; the loss reads ``state.aux`` (``AuxLoss``, ``TokenTarget``: see losses.py).
-  Modules may carry ``vitslim_lr_scale`` (e.g. SiT's reverse modules at 5x) and
-  ``vitslim_decay_all`` (weight decay on 1-D parameters too) or ``vitslim_no_decay`` (none at all,
-  e.g. Prune-and-Merge's merge and reconstruct matrices); modules with a
-  ``vitslim_set_progress(step, total_steps)`` method are told each step before it runs (CDCP's
-  sparsity ramp and mask freezing).
+- **Methods plug in through declared hooks, never attribute names.** ``StudentForward`` runs a
+  patched model's ``forward_tokens`` and gives the loss the state's ``aux`` list (``AuxLoss``,
+  ``TokenTarget``: see losses.py). Parameter groups come from each reducer's ``param_options()``
+  (e.g. SiT's reverse modules at 5x lr with decay on every parameter, no decay on
+  Prune-and-Merge's merge and reconstruct matrices), and every reducer's ``set_progress(step,
+  total_steps)`` is called before each step (CDCP's sparsity ramp and mask freezing). The
+  teacher a method needs by default comes from ``Method.needs_teacher`` (``wants_teacher``).
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ import vitslim
 from vitslim.errors import VitslimError
 from vitslim.train.checkpoint import load_state_strict, model_state, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
+from vitslim.measure.report import atomic_write
+from vitslim.methods.base import ParamOptions, get_method
 from vitslim.train.losses import FINAL, Criterion
 
 LAST, BEST = "last.pt", "best.pt"
@@ -204,37 +206,45 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
                 setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
 
 
-def set_progress(modules: list[nn.Module], step: int, total_steps: int) -> None:
-    """Tell modules that schedule themselves over training (CDCP's sparsity ramp) the step about to run."""
-    for module in modules:
-        module.vitslim_set_progress(step, total_steps)
+def _reducers(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.vitslim_reducers.items()) if vitslim.is_patched(model) else {}
 
 
-def _module_attr(model: nn.Module, param_name: str, attr: str, default: Any) -> Any:
-    """The value of ``attr`` on the deepest module along the parameter's path that defines it."""
-    value, module = default, model
-    for part in param_name.split(".")[:-1]:
-        module = getattr(module, part)
-        value = getattr(module, attr, value)
-    return value
+def set_progress(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell every reducer of a patched model the step about to run (``Reducer.set_progress``)."""
+    for reducer in _reducers(model).values():
+        reducer.set_progress(step, total_steps)
+
+
+def _param_options(model: nn.Module) -> dict[str, ParamOptions]:
+    """Every reducer's ``param_options()`` keyed by full parameter-name prefix."""
+    found = {}
+    for key, reducer in _reducers(model).items():
+        for prefix, options in reducer.param_options().items():
+            found[f"vitslim_reducers.{key}.{prefix}"] = options
+    return found
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: no decay on 1-D weights and tokens; lr scales for method modules and the backbone."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    declared = _param_options(model)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if config.freeze_tokens and name in FROZEN_TOKENS:
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
-        is_method = name.startswith("vitslim_reducers.") or _module_attr(model, name, "vitslim_method_module", False)
-        scale = _module_attr(model, name, "vitslim_lr_scale", None)
+        is_method = name.startswith("vitslim_reducers.")
+        matches = [prefix for prefix in declared if name.startswith(prefix)]
+        options = declared[max(matches, key=len)] if matches else ParamOptions()
+        scale = options.lr_scale
         if scale is None:
             scale = config.method_lr_scale if is_method else config.backbone_lr_scale
-        decay_all = _module_attr(model, name, "vitslim_decay_all", False)
-        decay = config.weight_decay if decay_all or (p.ndim > 1 and name not in skip) else 0.0
-        if _module_attr(model, name, "vitslim_no_decay", False):
+        decay = config.weight_decay if p.ndim > 1 and name not in skip else 0.0
+        if options.weight_decay == "all":
+            decay = config.weight_decay
+        elif options.weight_decay == "none":
             decay = 0.0
         key = ("method" if is_method else "backbone", float(scale), decay)
         group = groups.setdefault(key, dict(params=[], names=[], kind=key[0], lr_scale=key[1], weight_decay=decay))
@@ -389,201 +399,262 @@ def _load_weights(model: nn.Module, payload: dict[str, Any]) -> None:
     load_state_strict(model, payload["model"])
 
 
+def resume_path(resume: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> pathlib.Path | None:
+    """The checkpoint a run continues from: ``resume``, or for "auto" ``out_dir/last.pt`` when it exists."""
+    if resume == "auto":
+        last = pathlib.Path(out_dir) / LAST if out_dir is not None else None
+        return last if last is not None and last.is_file() else None
+    return pathlib.Path(resume) if resume else None
+
+
 def fit(model: nn.Module, data: Any, *, val_data: Any = None, teacher: nn.Module | None = None,
         config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None, progress: bool = True, eval_before: bool = False,
-        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        run_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` (patched or not) on ``data``; returns per-epoch history and final metrics.
 
     ``data``/``val_data`` are dataset specs for ``build_dataset`` ("cifar10", a folder, ...) or
     Dataset objects. ``teacher`` is the dense model for distillation. Checkpoints (``last.pt``,
-    ``best.pt``) and ``log.jsonl`` go to ``out_dir`` (rank 0). ``resume`` continues a run exactly;
-    "auto" resumes from ``out_dir/last.pt`` when it exists. ``eval_before`` also evaluates before
-    the first step (logged as epoch -1). ``on_step`` gets every logged step record. Under torchrun,
-    every process calls fit.
+    ``best.pt``), ``log.jsonl`` and ``summary.json`` (``run_record`` + config + result) go to
+    ``out_dir`` (rank 0). ``resume`` continues a run exactly; "auto" resumes from
+    ``out_dir/last.pt`` when it exists. ``eval_before`` also evaluates before the first step
+    (logged as epoch -1). ``on_step`` gets every logged step record. Under torchrun, every
+    process calls fit.
     """
     config = config or TrainConfig()
     rank, world, _ = distributed_env()
     device = _device(config)
     created_group = _init_distributed(device)
     try:
-        return _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval_before, on_step,
-                    rank, world, device)
+        run = _Run(model, config, rank, world, device, out_dir, progress, on_step, run_record)
+        return run.fit(data, val_data, teacher, resume_path(resume, out_dir), eval_before)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _fit(model, data, val_data, teacher, config, out_dir, resume, progress, eval_before, on_step, rank, world, device):
-    out = pathlib.Path(out_dir) if out_dir is not None else None
-    if resume == "auto":
-        resume = out / LAST if out is not None and (out / LAST).is_file() else None
-    payload = read_checkpoint(resume) if resume else None
-    if payload is not None:
-        _check_resume(payload, config)
+class _Run:
+    """One call of ``fit``: its model, optimiser, schedule, position and logs, step by step."""
 
-    torch.manual_seed(config.seed + rank)
-    np.random.seed((config.seed + rank) % 2**32)
-    random.seed(config.seed + rank)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    def __init__(self, model: nn.Module, config: TrainConfig, rank: int, world: int, device: torch.device,
+                 out_dir: str | os.PathLike | None, progress: bool,
+                 on_step: Callable[[dict[str, Any]], None] | None, run_record: dict[str, Any] | None):
+        self.model, self.config, self.rank, self.world, self.device = model, config, rank, world, device
+        self.out = pathlib.Path(out_dir) if out_dir is not None else None
+        self.progress, self.on_step, self.run_record = progress, on_step, run_record
+        self.step = self.start_epoch = self.start_batch = 0
+        self.best = -1.0
+        self.history: list[dict[str, Any]] = []
 
-    if config.drop_path is not None:
-        set_drop_path(model, config.drop_path)
-    train_set = SeededAugment(_dataset(data, "train", model, config.augment()), config.seed)
-    val_set = _dataset(val_data, "test", model, None) if val_data is not None else None
-    sampler = GlobalBatchSampler(len(train_set), config.batch_size, rank, world, config.seed)
-    steps_per_epoch = len(train_set) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    # --- set-up ------------------------------------------------------------------------------------
 
-    model.to(device).train()
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-    optimizer, scheduler, base_lr = build_optimizer(model, config, steps_per_epoch, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
-    autocast = _autocast(config, device)
-    mixup = _mixup(config, world, model.num_classes)
-    criterion = Criterion(label_smoothing=config.label_smoothing, kd_weight=config.kd_weight, kd_tau=config.kd_tau,
-                          kd_mode=config.kd_mode, kd_norm=config.kd_norm, token_weight=config.token_weight,
-                          aux_weight=config.aux_weight)
-    if criterion.needs_teacher and teacher is None:
-        raise VitslimError("kd_weight > 0 needs a teacher: pass teacher= (the dense model; CLI: --teacher dense)")
+    def _seed(self) -> None:
+        config, rank = self.config, self.rank
+        torch.manual_seed(config.seed + rank)
+        np.random.seed((config.seed + rank) % 2**32)
+        random.seed(config.seed + rank)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
-    step = start_epoch = start_batch = 0
-    best = -1.0
-    history: list[dict[str, Any]] = []
-    if payload is not None:
-        _load_weights(model, payload)  # in place: the optimizer already holds these parameters
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        scaler.load_state_dict(payload["scaler"])
-        step, start_epoch, start_batch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
-        best, history = payload.get("best_top1", -1.0), list(payload.get("history", []))
+    def _data(self, data: Any, val_data: Any) -> None:
+        config, model = self.config, self.model
+        self.train_set = SeededAugment(_dataset(data, "train", model, config.augment()), config.seed)
+        self.val_set = _dataset(val_data, "test", model, None) if val_data is not None else None
+        self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, self.rank, self.world, config.seed)
+        self.steps_per_epoch = len(self.train_set) // config.batch_size
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def _optimisation(self, teacher: nn.Module | None) -> None:
+        config, model, device = self.config, self.model, self.device
+        model.to(device).train()
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
+        self.optimizer, self.scheduler, self.base_lr = build_optimizer(model, config, self.steps_per_epoch,
+                                                                       self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
+        self.autocast = _autocast(config, device)
+        self.mixup = _mixup(config, self.world, model.num_classes)
+        self.criterion = Criterion(label_smoothing=config.label_smoothing, kd_weight=config.kd_weight,
+                                   kd_tau=config.kd_tau, kd_mode=config.kd_mode, kd_norm=config.kd_norm,
+                                   token_weight=config.token_weight, aux_weight=config.aux_weight)
+        if self.criterion.needs_teacher and self.teacher is None:
+            raise VitslimError("kd_weight > 0 needs a teacher: pass teacher= (the dense model; CLI: --teacher dense)")
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        _load_weights(self.model, payload)  # in place: the optimizer already holds these parameters
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.step, self.start_epoch, self.start_batch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
+        self.best, self.history = payload.get("best_top1", -1.0), list(payload.get("history", []))
         rng = payload["rng"]
-        _set_rng_state(rng[rank] if rank < len(rng) else rng[0], device)
+        _set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0], self.device)
 
-    student = StudentForward(model)
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
-    log = JsonlLog(out / "log.jsonl" if out is not None and rank == 0 else None)
-    if rank == 0:
-        log.write(event="resume" if payload else "start", step=step, total_steps=total_steps, world=world,
-                  device=str(device), config=config.to_dict(),
-                  method=model.vitslim_config["method"] if vitslim.is_patched(model) else None)
+    def _student(self) -> nn.Module:
+        student = StudentForward(self.model)
+        if self.world > 1:
+            student = nn.parallel.DistributedDataParallel(
+                student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.config.find_unused_parameters)
+        return student
 
-    if eval_before and val_set is not None and payload is None:
-        record = dict(event="eval", epoch=-1, step=0, **evaluate_distributed(model, val_set, rank, world, device,
-                                                                            progress and rank == 0))
-        history.append(record)
-        if rank == 0:
-            log.write(**record)
+    # --- the run -----------------------------------------------------------------------------------
+
+    def fit(self, data: Any, val_data: Any, teacher: nn.Module | None, resume: pathlib.Path | None,
+            eval_before: bool) -> dict[str, Any]:
+        """Set up, maybe resume, train to the end; the result ``fit`` returns."""
+        payload = read_checkpoint(resume) if resume else None
+        if payload is not None:
+            _check_resume(payload, self.config)
+        self._seed()
+        if self.config.drop_path is not None:
+            set_drop_path(self.model, self.config.drop_path)
+        self._data(data, val_data)
+        self._optimisation(teacher)
+        if payload is not None:
+            self._restore(payload)
+        self.student = self._student()
+        self.log = JsonlLog(self.out / "log.jsonl" if self.out is not None and self.rank == 0 else None)
+        if self.rank == 0:
+            self.log.write(event="resume" if payload else "start", step=self.step, total_steps=self.total_steps,
+                           world=self.world, device=str(self.device), config=self.config.to_dict(),
+                           method=self.model.vitslim_config["method"] if vitslim.is_patched(self.model) else None)
+        if eval_before and self.val_set is not None and payload is None:
+            self._eval_before()
+        # counted in images, so the bar's rate is images/s and its ETA covers the whole run
+        self.bar = tqdm(total=self.total_steps * self.config.batch_size, initial=self.step * self.config.batch_size,
+                        desc="train", unit="img", disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                if self.step >= self.total_steps:
+                    break
+                self._epoch(epoch)
+        finally:
+            self.bar.close()
+        return self._result()
+
+    def _eval_before(self) -> None:
+        record = dict(event="eval", epoch=-1, step=0, **self._evaluate())
+        self.history.append(record)
+        if self.rank == 0:
+            self.log.write(**record)
             tqdm.write(f"before training: val top-1 {record['top1']:.2%} ({record['n']} images)")
 
-    def checkpoint(name: str, epoch: int, batch_in_epoch: int) -> None:
-        rng = _gather_rng(device)  # every rank takes part in the gather
-        if rank != 0 or out is None:
+    def _evaluate(self) -> dict[str, Any]:
+        return evaluate_distributed(self.model, self.val_set, self.rank, self.world, self.device,
+                                    self.progress and self.rank == 0)
+
+    def _epoch(self, epoch: int) -> None:
+        config = self.config
+        first = self.start_batch if epoch == self.start_epoch else 0
+        self.sampler.set_epoch(epoch, first)
+        self.train_set.epoch = epoch
+        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, steps
+        t_epoch = self.t_log = time.perf_counter()
+        self.images_since = 0
+        batch_in_epoch = first
+        for images, targets in _loader(self.train_set, self.sampler, config, self.device):
+            value = self._train_step(images, targets)
+            batch_in_epoch += 1
+            sums += torch.tensor([value, 1.0], dtype=torch.float64)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < self.total_steps:
+                self._checkpoint(LAST, epoch, batch_in_epoch)
+            if self.step >= self.total_steps:
+                break
+        sums = _all_reduce_sum(sums)
+        seconds = time.perf_counter() - t_epoch
+        record = dict(event="epoch", epoch=epoch, step=self.step, train_loss=round((sums[0] / sums[1]).item(), 6),
+                      seconds=round(seconds, 1),
+                      train_images_per_s=round((batch_in_epoch - first) * config.batch_size / seconds, 1))
+        last_epoch = self.step >= self.total_steps
+        if self.val_set is not None and (last_epoch or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
+            record.update(self._evaluate())
+            self.best = max(self.best, record["top1"])
+        self.history.append(record)
+        if self.rank == 0:
+            self.log.write(**record)
+            self.bar.write(_epoch_line(record))
+        if batch_in_epoch >= self.steps_per_epoch:
+            self._checkpoint(LAST, epoch + 1, 0)
+        else:  # max_steps ended the run inside an epoch
+            self._checkpoint(LAST, epoch, batch_in_epoch)
+        if "top1" in record and record["top1"] >= self.best and self.rank == 0 and self.out is not None:
+            save_checkpoint(self.out / BEST, read_checkpoint(self.out / LAST))
+
+    def _train_step(self, images: Tensor, targets: Tensor) -> float:
+        """One optimiser step; returns the loss (and logs every ``log_every`` steps)."""
+        config, device = self.config, self.device
+        lr = self.base_lr(self.step)  # the lr of this step (before group scales)
+        set_progress(self.model, self.step, self.total_steps)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.autocast:
+            logits, aux = self.student(images)
+            teacher_fn = teacher_outputs(self.teacher, images) if self.teacher is not None else None
+            loss, parts = self.criterion(logits, targets, aux, teacher_fn)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise VitslimError(f"the loss became {value} at step {self.step}: lower the lr, or use "
+                               f"precision fp32; the last good checkpoint is in {self.out}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.images_since += config.batch_size
+        if self.step % config.log_every == 0 or self.step == self.total_steps:
+            self._log_step(loss, parts, lr)
+        self.bar.set_postfix(step=f"{self.step}/{self.total_steps}", loss=f"{value:.3f}", lr=f"{lr:.2e}",
+                             refresh=False)
+        self.bar.update(config.batch_size)
+        return value
+
+    def _log_step(self, loss: Tensor, parts: dict[str, Tensor], lr: float) -> None:
+        names = sorted(parts)
+        mean = _all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
+                                           [parts[k].float().cpu() for k in names])) / self.world
+        now = time.perf_counter()
+        record = dict(event="step", step=self.step, epoch=self.sampler.epoch, loss=round(mean[0].item(), 6),
+                      **{k: round(v.item(), 6) for k, v in zip(names, mean[1:])},
+                      lr=lr, images_per_s=round(self.images_since / (now - self.t_log), 1))
+        self.t_log, self.images_since = now, 0
+        if self.rank == 0:
+            self.log.write(**record)
+        if self.on_step is not None:
+            self.on_step(record)
+
+    def _checkpoint(self, name: str, epoch: int, batch_in_epoch: int) -> None:
+        rng = _gather_rng(self.device)  # every rank takes part in the gather
+        if self.rank != 0 or self.out is None:
             return
-        save_checkpoint(out / name, {
-            **model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "total_steps": total_steps, "config": config.to_dict(),
-            "best_top1": best, "history": history, "vitslim_version": vitslim.__version__,
-            "world_size": world,
+        save_checkpoint(self.out / name, {
+            **model_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+            "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
+            "config": self.config.to_dict(), "best_top1": self.best, "history": self.history,
+            "vitslim_version": vitslim.__version__, "world_size": self.world, "run_record": self.run_record or {},
         })
 
-    progress_modules = [m for m in model.modules() if hasattr(m, "vitslim_set_progress")]
-    # counted in images, so the bar's rate is images/s and its ETA covers the whole run
-    bar = tqdm(total=total_steps * config.batch_size, initial=step * config.batch_size, desc="train", unit="img",
-               disable=not progress or rank != 0, dynamic_ncols=True)
-    try:
-        for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
-                break
-            first = start_batch if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)
-            train_set.epoch = epoch
-            sums = torch.zeros(2, dtype=torch.float64)  # loss sum, steps
-            t_epoch = t_log = time.perf_counter()
-            images_since = 0
-            batch_in_epoch = first
-            for images, targets in _loader(train_set, sampler, config, device):
-                lr = base_lr(step)  # the lr of this step (before group scales)
-                set_progress(progress_modules, step, total_steps)
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with autocast:
-                    logits, aux = student(images)
-                    teacher_fn = teacher_outputs(teacher, images) if teacher is not None else None
-                    loss, parts = criterion(logits, targets, aux, teacher_fn)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise VitslimError(f"the loss became {value} at step {step}: lower the lr, or use "
-                                       f"precision fp32; the last good checkpoint is in {out}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                batch_in_epoch += 1
-                sums += torch.tensor([value, 1.0], dtype=torch.float64)
-                images_since += config.batch_size
-                if step % config.log_every == 0 or step == total_steps:
-                    names = sorted(parts)
-                    mean = _all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
-                                                       [parts[k].float().cpu() for k in names])) / world
-                    now = time.perf_counter()
-                    record = dict(event="step", step=step, epoch=epoch, loss=round(mean[0].item(), 6),
-                                  **{k: round(v.item(), 6) for k, v in zip(names, mean[1:])},
-                                  lr=lr, images_per_s=round(images_since / (now - t_log), 1))
-                    t_log, images_since = now, 0
-                    if rank == 0:
-                        log.write(**record)
-                    if on_step is not None:
-                        on_step(record)
-                bar.set_postfix(step=f"{step}/{total_steps}", loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(config.batch_size)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-                    checkpoint(LAST, epoch, batch_in_epoch)
-                if step >= total_steps:
-                    break
-            sums = _all_reduce_sum(sums)
-            seconds = time.perf_counter() - t_epoch
-            record = dict(event="epoch", epoch=epoch, step=step, train_loss=round((sums[0] / sums[1]).item(), 6),
-                          seconds=round(seconds, 1),
-                          train_images_per_s=round((batch_in_epoch - first) * config.batch_size / seconds, 1))
-            end_of_epoch = batch_in_epoch >= steps_per_epoch
-            last_epoch = step >= total_steps
-            if val_set is not None and (last_epoch or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
-                record.update(evaluate_distributed(model, val_set, rank, world, device, progress and rank == 0))
-                best = max(best, record["top1"])
-            history.append(record)
-            if rank == 0:
-                log.write(**record)
-                bar.write(_epoch_line(record))
-            if end_of_epoch:
-                checkpoint(LAST, epoch + 1, 0)
-            else:  # max_steps ended the run inside an epoch
-                checkpoint(LAST, epoch, batch_in_epoch)
-            if "top1" in record and record["top1"] >= best and rank == 0 and out is not None:
-                save_checkpoint(out / BEST, read_checkpoint(out / LAST))
-    finally:
-        bar.close()
-    final = history[-1] if history else {}
-    return {"history": history, "final": final, "best_top1": best if best >= 0 else None, "steps": step,
-            "total_steps": total_steps, "checkpoint": str(out / LAST) if out is not None else None}
+    def _result(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        result = {"history": self.history, "final": final, "best_top1": self.best if self.best >= 0 else None,
+                  "steps": self.step, "total_steps": self.total_steps,
+                  "checkpoint": str(self.out / LAST) if self.out is not None else None}
+        if self.run_record is not None and self.rank == 0 and self.out is not None:
+            summary = {**self.run_record, "config": self.config.to_dict(), **result}
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        return result
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
@@ -604,6 +675,20 @@ def evaluate_distributed(model: nn.Module, dataset, rank: int, world: int, devic
                           dtype=torch.float64)
     c1, c5, n = _all_reduce_sum(counts).tolist()
     return {"top1": c1 / n, "top5": c5 / n, "n": int(n)}
+
+
+def wants_teacher(model: nn.Module, config: TrainConfig, choice: str = "auto") -> bool:
+    """Whether to distil from the dense model: "dense" yes, "none" no, "auto" when KD is on or the method asks."""
+    if choice not in ("auto", "dense", "none"):
+        raise VitslimError(f"teacher must be 'auto', 'dense' or 'none', got {choice!r}")
+    if choice != "auto":
+        return choice == "dense"
+    if config.kd_weight > 0:
+        return True
+    if not vitslim.is_patched(model):
+        return False
+    cfg = model.vitslim_config
+    return get_method(cfg["method"]).needs_teacher(cfg["options"])
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

@@ -10,33 +10,16 @@ Methods talk to the loss through ``TokenState.aux`` while training:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vitslim.errors import VitslimError
+from vitslim.tokens import FINAL, AuxLoss, TokenTarget
 
-FINAL = -1  # TokenTarget.block for the teacher's tokens after its final norm
-
-
-# NamedTuples, not dataclasses: DDP (find_unused_parameters) and pytree look inside tuples for tensors
-class AuxLoss(NamedTuple):
-    """A loss term a method computed during the forward, already carrying its own weight."""
-
-    name: str
-    value: Tensor
-
-
-class TokenTarget(NamedTuple):
-    """Student tokens (B, n, C) to match against the teacher's patch tokens after block ``block`` (FINAL: final norm)."""
-
-    student: Tensor
-    block: int
-    weight: float = 1.0
-    mask: Tensor | None = None  # (B, n) bool or 0/1: which tokens count (None: all)
-    name: str = "token"
+__all__ = ["FINAL", "AuxLoss", "TokenTarget", "Criterion", "cross_entropy", "kd_loss", "masked_mse"]
 
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
