@@ -147,3 +147,17 @@ def test_cli_latency_budget_needs_spvit(capsys):
     assert main(["train", "--model", "vit_tiny_patch16_224", "--data", "cifar10", "--method", "tome",
                  "--latency-ms", "5"]) == 2
     assert "--latency-ms goes with --method spvit" in capsys.readouterr().err
+
+
+def test_cli_latency_budget_run_resumes(tmp_path, capsys):
+    """The measured latency goes to the run record, so the same --latency-ms command can resume."""
+    import json
+
+    from vitslim.cli import main
+
+    command = ["train", "--method", "spvit", "--latency-ms", "1e6", "--epochs", "1", "--batch-size", "8",
+               "--limit", "16", "--no-eval", "--no-progress", "--out", str(tmp_path), "--resume", "auto"]
+    assert main(command) == 0
+    assert main(command) == 0, capsys.readouterr().err  # before the fix: "cannot resume: ... latency_ms"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["latency"]["latency_ms"] < 1e6 and "latency_ms" not in summary["latency"]["options"]

@@ -1,7 +1,7 @@
 """vitslim: token and channel compression for timm Vision Transformers."""
 from vitslim import _compat  # noqa: F401  (must run before timm is imported anywhere)
 
-__version__ = "0.1.0"
+from vitslim._version import __version__
 
 from vitslim.errors import VitslimError
 from vitslim.methods import methods

@@ -18,6 +18,9 @@ import sys
 from typing import Any, Sequence
 
 from vitslim.errors import VitslimError
+from vitslim.measure.macs import count_macs
+from vitslim.methods.base import methods as known_methods
+from vitslim.patch import describe, patch
 
 DEFAULT_METHODS = "tome,evit,topk"
 
@@ -226,14 +229,13 @@ def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
 
 
 def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
-    import vitslim
     from vitslim.measure.compare import run_compare
     from vitslim.measure.report import format_table, save_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in vitslim.methods():
-            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(vitslim.methods())}")
+        if m not in known_methods():
+            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(known_methods())}")
     model = _load(args)
     loader = _loader(args, model) if with_data else None
     if with_data and loader is None:
@@ -251,32 +253,31 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import vitslim
     from vitslim.measure import evaluate
 
     model = _load(args)
     if args.method:
-        vitslim.patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
+        patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
     loader = _loader(args, model)
     if loader is None:
         raise VitslimError("give --data for a model other than the default")
     acc = evaluate(model, loader, threads=args.threads)
-    macs = vitslim.count_macs(model) / 1e9
+    macs = count_macs(model) / 1e9
     print(f"top-1 {acc['top1']:.2%}  top-5 {acc['top5']:.2%}  on {acc['n']} images  ({macs:.4f} GMACs)")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import vitslim
     from vitslim import export
+    from vitslim.train.checkpoint import load
 
-    model = vitslim.load(args.checkpoint)
+    model = load(args.checkpoint)
     slim = export.slim(model)
     export.save(slim, args.out)
     params = sum(p.numel() for p in slim.parameters()) / 1e6
-    print(f"wrote {args.out}: {params:.2f} M parameters, {vitslim.count_macs(slim) / 1e9:.4f} GMACs "
+    print(f"wrote {args.out}: {params:.2f} M parameters, {count_macs(slim) / 1e9:.4f} GMACs "
           f"(per-block [head dim, MLP hidden]: {slim.vitslim_channels})")
     return 0
 
@@ -286,7 +287,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    import vitslim
     from vitslim.measure import fit_latency
     from vitslim.train import TrainConfig, fit, teacher_copy
     from vitslim.train.data import build_dataset
@@ -311,12 +311,12 @@ def _run_train(args: argparse.Namespace) -> int:
             from vitslim.train.checkpoint import read_checkpoint
 
             saved = read_checkpoint(resume)
-            vitslim.patch(model, saved.get("method") or args.method, **(saved.get("options") or {}))
+            patch(model, saved.get("method") or args.method, **(saved.get("options") or {}))
             record["latency"] = (saved.get("run_record") or {}).get("latency")
         else:
             record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads, **options)
     elif args.method:
-        vitslim.patch(model, args.method, macs=args.macs, **options)
+        patch(model, args.method, macs=args.macs, **options)
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
     if not wants_teacher(model, config, args.teacher):
@@ -340,7 +340,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    import vitslim
     from vitslim.measure.report import atomic_write
     from vitslim.methods.prune_merge import calibrate, save_scores
     from vitslim.train.data import build_loader
@@ -357,15 +356,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     path = save_scores(args.out, scores, model=args.model, data=data, split=args.split, images=images,
                        command=command)
     options = _options_for("prune_merge", args.option)
-    dense = vitslim.count_macs(model)
-    vitslim.patch(model, "prune_merge", macs=args.macs, scores=scores, **options)
+    dense = count_macs(model)
+    patch(model, "prune_merge", macs=args.macs, scores=scores, **options)
     plan = model.vitslim_config["options"]
-    roles = vitslim.describe(model)["plan"]
+    roles = describe(model)["plan"]
     plan_path = path.with_suffix(".plan.json")
     atomic_write(plan_path, json.dumps({"command": command, "options": plan, "blocks": roles}, indent=1) + "\n")
     print(f"scores of {len(scores)} blocks from {images} images -> {path}; plan -> {plan_path}")
     print(f"plan at keep_rate {plan['keep_rate']}, prune_rate {plan['prune_rate']} "
-          f"({vitslim.count_macs(model) / dense:.3f} of the dense MACs):")
+          f"({count_macs(model) / dense:.3f} of the dense MACs):")
     print("  centres per block: " + " ".join(str(t) for t in plan["tokens"]))
     print("  pruned per block:  " + " ".join(str(t) for t in plan["pruned"]))
     print(f"use it: --method prune_merge --option scores={path} (with --macs or --option keep_rate=...)")

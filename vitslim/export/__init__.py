@@ -1,7 +1,7 @@
 """Structural export: CDCP masks -> smaller Linear layers of a stock timm ViT; safetensors save/load.
 
 ``slim(model)`` returns a copy of a CDCP- or CAIT-patched model whose blocks physically hold only
-the kept channels (CAIT-style, vitslim reconstruction; methods.md 4.3 "Export"):
+the kept channels (CAIT-style, vitslim reconstruction; docs/methods/cdcp.md, "Export"):
 - ``qkv`` keeps rows q[:, m_qk], k[:, m_qk], v[:, m_v] in every head (timm's (3, H, d') layout),
   ``proj`` the input columns at m_v, ``fc1`` the rows and ``fc2`` the columns at m_mlp;
 - the attention's ``head_dim`` becomes d' and timm derives the softmax scale d'^-1/2 from it (its

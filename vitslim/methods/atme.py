@@ -2,7 +2,7 @@
 
 CAIT (Wang et al., TPAMI 2026, arXiv 2309.15755) is known only from its abstract: ATME fuses
 *neighbouring* tokens and *keeps the spatial structure* of the image (the paper's). Everything
-else here is ours (``../shared/reference/methods.md`` 4.2, "ATME-A"), chosen to satisfy that:
+else here is ours (``docs/methods/atme.md``, "ATME-A"), chosen to satisfy that:
 - at scheduled blocks, after the attention residual, along one axis (W: columns, H: rows) the
   lines at even positions are anchors and the lines at odd positions are sources;
 - each source token joins the more similar of its (at most two) adjacent anchors on that axis,
@@ -225,7 +225,7 @@ class ATMEOptions(MethodOptions):
 
     schedule: Any = dataclasses.field(default=None, metadata={
         "help": "'BLOCK:AXIS,...' with AXIS W or H (0-based blocks); default 3:W,7:H scaled to the depth",
-        "source": "ours (CAIT's abstract gives no schedule; methods notes 4.2)"})
+        "source": "ours (CAIT's abstract gives no schedule; docs/methods/atme.md)"})
 
     def resolved(self, model: nn.Module) -> "ATMEOptions":
         """The schedule in canonical form, checked against the model's grid."""

@@ -1,7 +1,7 @@
 """CAIT-style joint token + channel compression (vitslim reconstruction): ATME + CDCP in one patch.
 
 The paper's (abstract): CAIT compresses tokens (ATME) and channels (CDCP) jointly; v2 builds
-CDCP on top of ATME. Ours (``../shared/reference/methods.md`` 4.4): a fixed ATME schedule and
+CDCP on top of ATME. Ours (``docs/methods/cait.md``): a fixed ATME schedule and
 dynamic CDCP masks in one reducer per block; the CDCP counts are allocated for the token counts
 the schedule leaves (channels in blocks after a merge are cheaper); ATME's similarity uses the
 keys of the masked q/k, consistent with what attention used.
@@ -55,9 +55,9 @@ class CAITOptions(MethodOptions):
 
     schedule: Any = dataclasses.field(default=None, metadata={
         "help": "ATME merges, 'BLOCK:AXIS,...' (default 3:W,7:H scaled to the depth)",
-        "source": "ours (methods notes 4.2)"})
+        "source": "ours (docs/methods/cait.md)"})
     keep_rate: float = dataclasses.field(default=0.7, metadata={
-        "help": "CDCP kept fraction of the blocks' channel MACs", "source": "ours (methods notes 4.3)"})
+        "help": "CDCP kept fraction of the blocks' channel MACs", "source": "ours (docs/methods/cdcp.md)"})
     importance: str = dataclasses.field(default="magnitude", metadata={
         "help": "'magnitude' (data-free) or 'taylor' (pass calibration=DATA)", "source": "ours"})
     token_share: float = dataclasses.field(default=DEFAULT_TOKEN_SHARE, metadata={

@@ -2,7 +2,7 @@
 
 The paper's (CAIT abstract, arXiv 2309.15755): CDCP prunes unimportant channels *dynamically*, and
 the unimportant channels of multi-head self-attention are pruned *uniformly* (the same way in
-every head). Everything else is ours (``../shared/reference/methods.md`` 4.3):
+every head). Everything else is ours (``docs/methods/cdcp.md``):
 - per block, one mask m_qk shared by Q and K (Q K^T needs the same channels on both sides), one
   mask m_v shared by V and the input columns of ``proj``, both with the same indices in every head,
   and a mask m_mlp over the MLP hidden channels; as many qk as v channels per block (CPU SDPA is
@@ -394,7 +394,7 @@ class CDCPOptions(MethodOptions):
         "source": "ours (CAIT's abstract gives no rate); 0.7 matches the token methods' defaults"})
     importance: str = dataclasses.field(default="magnitude", metadata={
         "help": "'magnitude' (data-free) or 'taylor' (pass calibration=DATA)",
-        "source": "ours (methods notes 4.3)"})
+        "source": "ours (docs/methods/cdcp.md)"})
     taylor: Any = taylor_field()
 
     def resolved(self, model: nn.Module) -> "CDCPOptions":

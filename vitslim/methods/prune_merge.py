@@ -1,6 +1,6 @@
 """Prune-and-Merge (Mao et al., IEEE TMM 2025; arXiv 2503.23455): a searched, static token plan per block.
 
-Three steps, as in the paper and its official code (methods.md section 1):
+Three steps, as in the paper and its official code (``docs/methods/prune_merge.md``):
 
 1. **Scoring** (``calibrate``), training-free: the dense model runs on calibration batches with
    hard-label cross-entropy; in every block the attention probabilities A (B, H, N, N) and their

@@ -14,7 +14,7 @@
   lambda_token = lambda_logits = 2, tau 1). The reverse modules train at 5x lr with weight decay on
   every parameter, as in the official code.
 
-Our decisions (methods.md 2.6; the official code covers LV-ViT only):
+Our decisions (``docs/methods/sit.md``; the official code covers LV-ViT only):
 - Placement: TSM before blocks depth/4, depth/2, 3*depth/4 (DeiT: 3, 6, 9), stage counts
   n_s = int(n0 * prod(keep_rate[:s])) (0.5: 98 / 49 / 24 at 224 px), or chosen by ``macs=``.
 - Sizes stay soft and sum to the patch count: each input token spreads its size over the outputs
@@ -138,7 +138,7 @@ class SiTOptions(MethodOptions):
         "source": "SiT (Zong et al., ECCV 2022), the released DeiT-S setting: 0.5 per stage"})
     locations: Any = dataclasses.field(default=None, metadata={
         "help": "0-based blocks a TSM runs before; default depth//4, depth//2, 3*depth//4",
-        "source": "ours: the official code covers LV-ViT only (methods notes 2.6)"})
+        "source": "ours: the official code covers LV-ViT only (docs/methods/sit.md)"})
     reverse: bool = dataclasses.field(default=True, metadata={
         "help": "build the reverse modules (RTSM) and FRD targets for training; False for inference",
         "source": "SiT §3.3"})

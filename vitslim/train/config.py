@@ -3,7 +3,7 @@
 Every field of ``TrainConfig`` is also a ``vitslim train`` flag (``--kd-weight 1.0``), and a
 recipe is just a dict of fields: ``TrainConfig.from_recipe("evit", epochs=2)`` starts from the
 recipe and overrides what the caller gives. Recipes copy the published ImageNet settings
-(``shared/reference/methods.md``); for our small CIFAR-10 reference model pass fewer epochs or
+(each recipe cites its source); for our small CIFAR-10 reference model pass fewer epochs or
 ``max_steps`` -- everything else (lr scaling rule, losses, groups) carries over.
 """
 from __future__ import annotations
@@ -137,13 +137,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         label_smoothing=0.1, auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25,
     ),
     "evit": dict(
-        source="EViT official finetune.sh (methods.md 5.2): 30 epochs, lr 2e-5 -> 2e-6 cosine, wd 1e-6, "
+        source="EViT official finetune.sh (docs/training.md): 30 epochs, lr 2e-5 -> 2e-6 cosine, wd 1e-6, "
                "no warm-up, DeiT augmentation, no distillation",
         epochs=30, lr=2e-5, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6, label_smoothing=0.1,
         auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25,
     ),
     "topk": dict(
-        source="Haurum et al. TokenReduction (methods.md 5.4): 30 epochs, lr 1e-3 x batch/1024, 20 warm-up "
+        source="Haurum et al. TokenReduction (docs/training.md): 30 epochs, lr 1e-3 x batch/1024, 20 warm-up "
                "epochs, DeiT augmentation",
         epochs=30, lr=1e-3, lr_base_batch=1024, warmup_epochs=20, weight_decay=0.05, label_smoothing=0.1,
         auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25,
@@ -156,7 +156,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         kd_weight=0.5, kd_mode="convex", kd_tau=1.0,
     ),
     "prune_merge": dict(
-        source="Prune-and-Merge official commands (methods.md 1.6): 60 epochs, lr 1e-4 x batch/512, cosine to "
+        source="Prune-and-Merge official commands (docs/methods/prune_merge.md): 60 epochs, lr 1e-4 x batch/512, cosine to "
                "1e-6, no warm-up, wd 1e-3, CE + 1.0 * tau^2 KL (tau 20) per logit element, color jitter 0.4, "
                "no RandAugment, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1 (applies "
                "through the mixup targets)",
@@ -165,7 +165,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         kd_weight=1.0, kd_tau=20.0, kd_mode="add", kd_norm="elements",
     ),
     "sit": dict(
-        source="SiT exp/*/train.sh (methods.md 2.5/2.6): lr 2e-4 x batch/512, cosine to 1e-5, no warm-up, "
+        source="SiT exp/*/train.sh (docs/methods/sit.md): lr 2e-4 x batch/512, cosine to 1e-5, no warm-up, "
                "wd 0.05, RandAugment m9, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, "
                "drop-path 0.1; FRD: token 2.0 (the method's targets) + logits 2.0 (tau 1); reverse modules "
                "at 5x lr (set by the method). 30 epochs for DeiT [DESIGN]; the LV-ViT run is 135",
@@ -174,7 +174,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         drop_path=0.1, kd_weight=2.0, kd_tau=1.0, kd_mode="add", token_weight=2.0,
     ),
     "spvit": dict(
-        source="SPViT (methods.md 3.4/3.5): 30 epochs (DeiT-S), base lr 5e-4 x batch/512 for the selectors, "
+        source="SPViT (docs/methods/spvit.md): 30 epochs (DeiT-S), base lr 5e-4 x batch/512 for the selectors, "
                "cosine to 1e-5, backbone frozen 5 epochs then 1% lr, cls/pos frozen, wd 0.05, DeiT "
                "augmentation, fp32; CE + 0.5 KL (tau 1) + 0.5 token MSE + ratio loss 2.0/3 per stage (method)",
         epochs=30, lr=5e-4, lr_base_batch=512, min_lr=1e-5, warmup_epochs=0, weight_decay=0.05,
@@ -183,7 +183,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         kd_weight=0.5, kd_tau=1.0, kd_mode="add", token_weight=0.5, precision="fp32",
     ),
     "cait": dict(
-        source="[DESIGN] CAIT joint recipe (methods.md 4.4; the paper's schedule is unknown): 30 epochs, AdamW "
+        source="[DESIGN] CAIT joint recipe (docs/methods/cait.md; the paper's schedule is unknown): 30 epochs, AdamW "
                "5e-5 x batch/512 cosine, wd 0.05, DeiT augmentation, (1-0.5) CE + 0.5 KL (tau 1)",
         epochs=30, lr=5e-5, lr_base_batch=512, weight_decay=0.05, label_smoothing=0.1,
         auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25,

@@ -37,12 +37,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import vitslim
+from vitslim._version import __version__
 from vitslim.errors import VitslimError
 from vitslim.train.checkpoint import load_state_strict, model_state, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
 from vitslim.measure.report import atomic_write
 from vitslim.methods.base import ParamOptions, get_method
+from vitslim.patch import is_patched, unpatch
 from vitslim.train.losses import FINAL, Criterion
 
 LAST, BEST = "last.pt", "best.pt"
@@ -162,7 +163,7 @@ class StudentForward(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, list]:
         """Logits and the aux list of the state (empty for an unpatched model)."""
-        if vitslim.is_patched(self.model):
+        if is_patched(self.model):
             state = self.model.forward_tokens(images)
             return self.model.forward_head_state(state), state.aux
         return self.model(images), []
@@ -207,7 +208,7 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
 
 
 def _reducers(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.vitslim_reducers.items()) if vitslim.is_patched(model) else {}
+    return dict(model.vitslim_reducers.items()) if is_patched(model) else {}
 
 
 def set_progress(model: nn.Module, step: int, total_steps: int) -> None:
@@ -391,7 +392,7 @@ def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
 
 def _load_weights(model: nn.Module, payload: dict[str, Any]) -> None:
     """Resume: the checkpoint's weights into the same (already patched) model, checked first."""
-    cfg = model.vitslim_config if vitslim.is_patched(model) else {}
+    cfg = model.vitslim_config if is_patched(model) else {}
     saved = (payload.get("method"), payload.get("options") or {})
     if saved != (cfg.get("method"), cfg.get("options") or {}):
         raise VitslimError(f"cannot resume: the checkpoint was trained as {saved[0] or 'dense'} {saved[1]}, the model "
@@ -523,7 +524,7 @@ class _Run:
         if self.rank == 0:
             self.log.write(event="resume" if payload else "start", step=self.step, total_steps=self.total_steps,
                            world=self.world, device=str(self.device), config=self.config.to_dict(),
-                           method=self.model.vitslim_config["method"] if vitslim.is_patched(self.model) else None)
+                           method=self.model.vitslim_config["method"] if is_patched(self.model) else None)
         if eval_before and self.val_set is not None and payload is None:
             self._eval_before()
         # counted in images, so the bar's rate is images/s and its ETA covers the whole run
@@ -643,7 +644,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
             "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
             "config": self.config.to_dict(), "best_top1": self.best, "history": self.history,
-            "vitslim_version": vitslim.__version__, "world_size": self.world, "run_record": self.run_record or {},
+            "vitslim_version": __version__, "world_size": self.world, "run_record": self.run_record or {},
         })
 
     def _result(self) -> dict[str, Any]:
@@ -685,7 +686,7 @@ def wants_teacher(model: nn.Module, config: TrainConfig, choice: str = "auto") -
         return choice == "dense"
     if config.kd_weight > 0:
         return True
-    if not vitslim.is_patched(model):
+    if not is_patched(model):
         return False
     cfg = model.vitslim_config
     return get_method(cfg["method"]).needs_teacher(cfg["options"])
@@ -694,5 +695,5 @@ def wants_teacher(model: nn.Module, config: TrainConfig, choice: str = "auto") -
 def teacher_copy(model: nn.Module) -> nn.Module:
     """A frozen dense copy of ``model`` (unpatched) to distil from."""
     teacher = copy.deepcopy(model)
-    vitslim.unpatch(teacher)
+    unpatch(teacher)
     return teacher.eval().requires_grad_(False)

@@ -34,7 +34,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, no
     log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
     kl = torch.sum(log_p_t.exp() * (log_p_t - log_p_s))
-    # "elements" divides by B * num_classes, as Prune-and-Merge's official loss does (methods.md 1.6)
+    # "elements" divides by B * num_classes, as Prune-and-Merge's official loss does (docs/methods/prune_merge.md)
     divisor = student_logits.numel() if norm == "elements" else student_logits.shape[0]
     return kl * (tau * tau) / divisor
 
