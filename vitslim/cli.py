@@ -43,7 +43,7 @@ def _option(text: str) -> tuple[str, str, str]:
 
 def _options_for(method: str, given: list[tuple[str, str, str]]) -> dict[str, Any]:
     """The --option values meant for ``method``, typed by its options dataclass."""
-    from vitslim.methods import get_method
+    from vitslim.methods.base import get_method
 
     options_type = get_method(method).Options
     return {key: options_type.parse_value(key, raw) for scope, key, raw in given if scope in ("", method)}
@@ -270,15 +270,15 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vitslim import export
+    from vitslim.export import save, slim
     from vitslim.train.checkpoint import load
 
     model = load(args.checkpoint)
-    slim = export.slim(model)
-    export.save(slim, args.out)
-    params = sum(p.numel() for p in slim.parameters()) / 1e6
-    print(f"wrote {args.out}: {params:.2f} M parameters, {count_macs(slim) / 1e9:.4f} GMACs "
-          f"(per-block [head dim, MLP hidden]: {slim.vitslim_channels})")
+    slimmed = slim(model)
+    save(slimmed, args.out)
+    params = sum(p.numel() for p in slimmed.parameters()) / 1e6
+    print(f"wrote {args.out}: {params:.2f} M parameters, {count_macs(slimmed) / 1e9:.4f} GMACs "
+          f"(per-block [head dim, MLP hidden]: {slimmed.vitslim_channels})")
     return 0
 
 
@@ -288,7 +288,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch
 
     from vitslim.measure import fit_latency
-    from vitslim.train import TrainConfig, fit, teacher_copy
+    from vitslim.train.config import TrainConfig
+    from vitslim.train.engine import fit, teacher_copy
     from vitslim.train.data import build_dataset
     from vitslim.train.engine import distributed_env, resume_path, wants_teacher
 
