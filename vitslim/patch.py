@@ -307,8 +307,12 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
 
     def ratio(level: int) -> float:
         if level not in ratios:
-            _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
-            ratios[level] = count_macs(model) / dense
+            level_options = method_cls.options_for_level(model, level, **base)
+            macs_level = method_cls.level_macs(model, level_options, dense)  # a formula, where the method has one
+            if macs_level is None:
+                _attach(model, method, level_options, prop_attn)
+                macs_level = count_macs(model)
+            ratios[level] = macs_level / dense
         return ratios[level]
 
     lo, hi = 0, method_cls.max_level(model, **base)

@@ -25,13 +25,12 @@ every head). Everything else is ours (``../shared/reference/methods.md`` 4.3):
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitslim.calibration import backward_bytes, dense_copy, gradient_sums, micro_batch_size
 from vitslim.errors import VitslimError
 from vitslim.methods import (AttnInfo, ChannelPlan, KeepRateLevels, Method, Reducer, calibration_batches,
                              check_rate, register, reject_unknown)
@@ -79,27 +78,24 @@ def magnitude_importance(model: nn.Module) -> list[dict[str, Tensor]]:
 
 def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
     """Taylor importance |sum a * dL/da| per channel (head-summed), accumulated over calibration batches."""
-    from vitslim.patch import _attach, unpatch
+    from vitslim.patch import patch
 
-    probe = unpatch(copy.deepcopy(model)).eval()
-    _attach(probe, CDCP.name, {"keep_rate": 1.0, "importance": "magnitude"}, None)
+    probe = patch(dense_copy(model), CDCP.name, keep_rate=1.0, importance="magnitude")
     blocks = [probe._vitslim_plan[i] for i in range(len(probe.blocks))]
     for r in blocks:  # all-ones masks whose gradients are sum(a * dL/da): the first-order Taylor term
         r.probe = (torch.ones(r.qkv_size, requires_grad=True), torch.ones(r.hidden, requires_grad=True))
+    masks = [m for r in blocks for m in r.probe]
+    per_batch = gradient_sums(probe, calibration_batches(data, max_batches), lambda: masks, lambda _, grads: grads,
+                              micro_batch=micro_batch_size(backward_bytes(probe)))
+    if not per_batch:
+        raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
     sums = [{"qk": 0.0, "v": 0.0, "mlp": 0.0} for _ in blocks]
-    seen = 0
-    for images, labels in calibration_batches(data, max_batches):
-        logits = probe(images)
-        target = logits.argmax(-1) if labels is None else labels
-        grads = torch.autograd.grad(F.cross_entropy(logits, target), [m for r in blocks for m in r.probe])
+    for grads, _ in per_batch:  # abs per batch of the batch's signed sums
         for i, r in enumerate(blocks):
             g_qkv = grads[2 * i].view(3, r.num_heads, r.head_dim)
             sums[i]["qk"] = sums[i]["qk"] + (g_qkv[0] + g_qkv[1]).sum(0).abs()
             sums[i]["v"] = sums[i]["v"] + g_qkv[2].sum(0).abs()
             sums[i]["mlp"] = sums[i]["mlp"] + grads[2 * i + 1].abs()
-        seen += 1
-    if not seen:
-        raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
     return [{k: v.detach() for k, v in s.items()} for s in sums]
 
 
