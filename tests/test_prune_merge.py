@@ -5,9 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vitslim
+import timm
+from vitslim.calibration import backward_bytes, dense_copy
 from vitslim.measure.macs import analytic_macs, count_macs
-from vitslim.methods.prune_merge import (LayerPlan, calibrate, global_plan, load_scores, merge_matrix,
-                                         save_scores)
+from vitslim.methods.prune_merge import (LayerPlan, PruneMerge, calibrate, data_free_images, global_plan, load_scores,
+                                         merge_matrix, pinv, save_scores)
 from vitslim.train import TrainConfig
 from vitslim.train.engine import build_optimizer, param_groups
 
@@ -55,6 +57,18 @@ def test_merge_matrix_groups_are_contiguous_and_cover_every_kept_patch(seed, kee
         span = torch.arange(int(cols.min()), int(cols.max()) + 1)
         assert bool(plan.pruned[span].logical_or(owners[g, span] != 0).all())  # contiguous up to pruned gaps
     assert ((patches.sum(1) >= 1.0 - 1e-12)).all()  # rows are not normalised: the centre weighs 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.05, 0.9), st.floats(0.0, 0.1), st.integers(1, 3), st.booleans())
+def test_closed_form_pinv_equals_torch_pinv(seed, keep, prune, prefix, zeros):
+    scores = torch.rand(1, 64, generator=torch.Generator().manual_seed(seed)) + 0.01
+    if zeros:
+        scores[0, :6] = 0.0  # zero-score patches: zero weights, zero-norm rows are possible
+    m = merge_matrix(global_plan(scores, keep, prune, [0])[0], grid_width=8, num_prefix=prefix)
+    assert torch.allclose(pinv(m), torch.linalg.pinv(m), rtol=0, atol=1e-12)
+    dense = torch.randn(5, 9, dtype=torch.float64)  # overlapping rows: torch's SVD pinv
+    assert torch.equal(pinv(dense), torch.linalg.pinv(dense))
 
 
 def test_merge_matrix_splits_at_midpoints_and_row_ends():
@@ -163,6 +177,54 @@ def test_calibration_matches_a_hand_computed_score():
     a = kept["a"]
     expected = (a * grad).sum((0, 1, 2))[1:].abs() / (2 * 4 * 65)
     assert torch.allclose(calibrate(model, (images, labels))[0], expected.detach(), rtol=1e-4, atol=1e-12)
+
+
+def test_micro_batches_give_the_whole_batch_scores():
+    # the score is |sum over a batch's images| per batch: micro-batches must add signed sums, abs per batch
+    model = _model()
+    images, labels = torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,))
+    per_image = backward_bytes(dense_copy(model), explicit_attention=True)
+    for data in ((images, labels), images):
+        whole = calibrate(model, data)  # the tiny model fits: one pass per batch
+        for budget in (1, 3 * per_image):  # micro-batches of 1 image, and of 3 (3 + 3 + 1)
+            assert torch.allclose(calibrate(model, data, memory_budget=budget), whole, rtol=1e-4, atol=1e-12)
+    one_per_batch = calibrate(model, [(images[i:i + 1], labels[i:i + 1]) for i in range(7)]) / 7  # abs per image
+    assert not torch.allclose(one_per_batch, calibrate(model, (images, labels)), rtol=1e-2)
+
+
+def test_data_free_pass_scores_fewer_images_on_big_models():
+    sizes = {}
+    for name in ("deit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"):
+        with torch.device("meta"):  # shapes only: no weights allocated
+            sizes[name] = data_free_images(timm.create_model(name))
+    # DeiT-S keeps its 2 batches of 16 noise images (same plans as before); ViT-L/16 scores 2 images
+    assert sizes == {"deit_small_patch16_224": 32, "vit_base_patch16_224": 8, "vit_large_patch16_224": 2}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"}])
+def test_level_macs_formula_equals_the_counted_macs(kwargs):
+    base = _model(**kwargs)
+    dense = count_macs(base)
+    for options in (dict(keep_rate=0.4, prune_rate=0.1), dict(keep_rate=0.7, prune_rate=0.0),
+                    dict(keep_rate=0.3, blocks=[1, 3])):
+        formula = PruneMerge.level_macs(base, dict(scores=_scores(), **options), dense)
+        assert formula == count_macs(vitslim.patch(_model(**kwargs), "prune_merge", scores=_scores(), **options))
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = vitslim.patch(_model(), "prune_merge", scores=_scores(), keep_rate=0.4, prune_rate=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == (2, 10) and torch.allclose(low.float(), reference, atol=0.1, rtol=0.1)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.forward_tokens(x)
+    assert state.x.dtype == torch.float32  # the token stream keeps timm's dtype under autocast
+    model.forward_head_state(state).float().sum().backward()
+    assert all(r.merge.grad is not None and r.reconstruct.grad.abs().sum() > 0 for r in model.vitslim_reducers.values())
 
 
 def test_scores_file_round_trip_and_rebuild_from_options(tmp_path):

@@ -214,8 +214,12 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     dense = count_macs(model)
 
     def ratio(level: int) -> float:
-        _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
-        return count_macs(model) / dense
+        level_options = method_cls.options_for_level(model, level, **base)
+        macs_level = method_cls.level_macs(model, level_options, dense)  # a formula, where the method has one
+        if macs_level is None:
+            _attach(model, method, level_options, prop_attn)
+            macs_level = count_macs(model)
+        return macs_level / dense
 
     try:
         level = search_level(ratio, target, method_cls.max_level(model, **base), what=method, knob="macs",

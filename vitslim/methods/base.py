@@ -184,6 +184,11 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def level_macs(cls, model: nn.Module, options: dict[str, Any], dense_macs: int) -> int | None:
+        """MACs per image of the model patched with ``options``, if known without building it (None: count them)."""
+        return None
+
+    @classmethod
     def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
         """Turn data-dependent options (e.g. ``calibration=``) into plain ones, once per ``patch`` call.
 

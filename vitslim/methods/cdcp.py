@@ -25,7 +25,6 @@ every head). Everything else is ours (``docs/methods/cdcp.md``):
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -33,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitslim.calibration import backward_bytes, dense_copy, gradient_sums, micro_batch_size
 from vitslim.errors import VitslimError
 from vitslim.kernels import BlockKernel
+from vitslim.methods.atme import merge_neighbours
+from vitslim.patch import patch
 from vitslim.methods.base import (AttnInfo, KeepRateLevels, Method, MethodOptions, ParamOptions, Reducer,
                                   calibration_batches, check_rate, register)
 from vitslim.tokens import TokenState
@@ -141,27 +143,22 @@ def magnitude_importance(model: nn.Module) -> list[dict[str, Tensor]]:
 
 def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
     """Taylor importance |sum a * dL/da| per channel (head-summed), accumulated over calibration batches."""
-    from vitslim.patch import _attach, unpatch
-
-    probe = unpatch(copy.deepcopy(model)).eval()
-    _attach(probe, CDCP.name, {"keep_rate": 1.0, "importance": "magnitude"}, None)
+    probe = patch(dense_copy(model), CDCP.name, keep_rate=1.0, importance="magnitude")
     blocks = [probe._vitslim_plan[i] for i in range(len(probe.blocks))]
     for r in blocks:  # all-ones masks whose gradients are sum(a * dL/da): the first-order Taylor term
         r.probe = (torch.ones(r.qkv_size, requires_grad=True), torch.ones(r.hidden, requires_grad=True))
+    masks = [m for r in blocks for m in r.probe]
+    per_batch = gradient_sums(probe, calibration_batches(data, max_batches), lambda: masks, lambda _, grads: grads,
+                              micro_batch=micro_batch_size(backward_bytes(probe)))
+    if not per_batch:
+        raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
     sums = [{"qk": 0.0, "v": 0.0, "mlp": 0.0} for _ in blocks]
-    seen = 0
-    for images, labels in calibration_batches(data, max_batches):
-        logits = probe(images)
-        target = logits.argmax(-1) if labels is None else labels
-        grads = torch.autograd.grad(F.cross_entropy(logits, target), [m for r in blocks for m in r.probe])
+    for grads, _ in per_batch:  # abs per batch of the batch's signed sums
         for i, r in enumerate(blocks):
             g_qkv = grads[2 * i].view(3, r.num_heads, r.head_dim)
             sums[i]["qk"] = sums[i]["qk"] + (g_qkv[0] + g_qkv[1]).sum(0).abs()
             sums[i]["v"] = sums[i]["v"] + g_qkv[2].sum(0).abs()
             sums[i]["mlp"] = sums[i]["mlp"] + grads[2 * i + 1].abs()
-        seen += 1
-    if not seen:
-        raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
     return [{k: v.detach() for k, v in s.items()} for s in sums]
 
 
@@ -314,8 +311,6 @@ class ChannelBlock(Reducer):
         """The joint method's ATME merge (keys from the masked q/k: consistent with what attention used)."""
         if self.merge_axis is None:
             return state
-        from vitslim.methods.atme import merge_neighbours
-
         return merge_neighbours(state, attn.keys, self.merge_axis)
 
     def set_progress(self, step: int, total_steps: int) -> None:
