@@ -178,7 +178,7 @@ def _load(args: argparse.Namespace):
 
 
 def _loader(args: argparse.Namespace, model):
-    from vitslim.train.data import build_loader
+    from vitslim.data import build_loader
 
     data = args.data or _default_data(args, model)
     if data is None:
@@ -274,10 +274,10 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch
 
     import vitslim
-    from vitslim.measure.report import atomic_write
+    from vitslim.data import build_dataset
+    from vitslim.io import atomic_write
     from vitslim.methods import get_method
     from vitslim.train import TrainConfig, fit, teacher_copy
-    from vitslim.train.data import build_dataset
     from vitslim.train.engine import distributed_env
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
@@ -333,9 +333,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     import vitslim
-    from vitslim.measure.report import atomic_write
+    from vitslim.data import build_loader
+    from vitslim.io import atomic_write
     from vitslim.methods.prune_merge import calibrate, save_scores
-    from vitslim.train.data import build_loader
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -88,7 +88,7 @@ def channel_counts(model: nn.Module) -> list[list[int]]:
 def slim(model: nn.Module) -> nn.Module:
     """A copy of a CDCP/CAIT-patched model with the pruned channels removed from its weights."""
     import vitslim
-    from vitslim.zoo import model_spec
+    from vitslim.models import model_spec
 
     if not vitslim.is_patched(model) or model.vitslim_config["method"] not in CHANNEL_METHODS:
         raise VitslimError("slim() takes a model patched with cdcp or cait (it turns their channel masks into "
@@ -112,7 +112,7 @@ def slim(model: nn.Module) -> nn.Module:
 def metadata(model: nn.Module) -> dict[str, Any]:
     """What load() needs besides the weights: architecture spec, channels, token method."""
     import vitslim
-    from vitslim.zoo import model_spec
+    from vitslim.models import model_spec
 
     spec = model_spec(model)
     if spec is None:
@@ -133,7 +133,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     from safetensors.torch import save as to_bytes
 
-    from vitslim.measure.report import atomic_write
+    from vitslim.io import atomic_write
 
     meta = metadata(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -148,8 +148,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vitslim.train.checkpoint import load_state_strict
-    from vitslim.zoo import build_from_spec
+    from vitslim.io import load_state_strict
+    from vitslim.models import build_from_spec
 
     if not os.path.isfile(path):
         raise VitslimError(f"{path} not found: write one with vitslim.export.save(slim(model), path) or "

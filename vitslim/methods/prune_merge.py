@@ -130,7 +130,7 @@ def save_scores(path: str | pathlib.Path, scores: Tensor, **info: Any) -> pathli
 
     from safetensors.torch import save
 
-    from vitslim.measure.report import atomic_write
+    from vitslim.io import atomic_write
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

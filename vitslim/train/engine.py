@@ -361,7 +361,7 @@ class JsonlLog:
 
 
 def _dataset(data: Any, split: str, model: nn.Module, augment: dict | None, limit: int | None = None):
-    from vitslim.train.data import build_dataset
+    from vitslim.data import build_dataset
 
     if isinstance(data, str):
         return build_dataset(data, split, model=model, augment=augment, limit=limit)
