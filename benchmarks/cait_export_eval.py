@@ -15,7 +15,7 @@ import torch
 
 from vitslim import export
 from vitslim.measure.accuracy import evaluate
-from vitslim.train.data import build_loader
+from vitslim.data import build_loader
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pathlib
 import torch
 
 import vitslim
-from vitslim.measure.report import atomic_write
+from vitslim.io import atomic_write
 
 
 def row(run: pathlib.Path, dense_macs: float) -> dict:

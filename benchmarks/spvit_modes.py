@@ -13,7 +13,7 @@ import json
 import torch
 
 import vitslim
-from vitslim.train.data import build_loader
+from vitslim.data import build_loader
 
 
 def accuracy(model, loader, masked: bool, gumbel: bool = True) -> tuple[float, float]:

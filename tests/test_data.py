@@ -1,4 +1,4 @@
-"""vitslim.train.data: dataset specs, layouts, transforms, subsets and their errors."""
+"""vitslim.data: dataset specs, layouts, transforms, subsets and their errors."""
 import collections
 import pathlib
 
@@ -13,7 +13,7 @@ import timm
 
 from conftest import tiny_vit
 from vitslim.errors import VitslimError
-from vitslim.train import data
+from vitslim import data
 
 REPO = pathlib.Path(vitslim.__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_digits_splits_are_fixed_stratified_and_disjoint():
 def test_digits_dataset_is_the_default_models_input():
     dataset = data.build_dataset("digits")
     image, label = dataset[0]
-    assert len(dataset) == 360 and image.shape == (1, 16, 16) and dataset.classes == list("0123456789")
+    assert len(dataset) == 360 and image.shape == (1, 28, 28) and dataset.classes == list("0123456789")
     x, y = data.digits_tensors("test")
     assert torch.equal(image, x[0]) and label == y[0]
     assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2  # normalised with the train statistics
@@ -80,7 +80,7 @@ def test_digits_train_split_shifts_without_flipping():
         augmented = train[i][0]
         s = data.DIGITS_SHIFT
         padded = torch.nn.functional.pad(x[i], (s, s, s, s), value=fill)
-        crops = [padded[:, dy:dy + 16, dx:dx + 16] for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
+        crops = [padded[:, dy:dy + 28, dx:dx + 28] for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
         assert any(torch.allclose(augmented, c, atol=1e-5) for c in crops)
 
 
@@ -183,7 +183,7 @@ def test_labels_csv_layout_and_errors(tmp_path):
 def test_loader_batches_shuffling_and_seed():
     loader = data.build_loader("digits", batch_size=50)
     images, labels = next(iter(loader))
-    assert images.shape == (50, 1, 16, 16) and labels.tolist() == data.digits_split("test")[1][:50].tolist()
+    assert images.shape == (50, 1, 28, 28) and labels.tolist() == data.digits_split("test")[1][:50].tolist()
     first = [y for _, y in data.build_loader("digits", "train", limit=100, batch_size=100, seed=3)][0]
     second = [y for _, y in data.build_loader("digits", "train", limit=100, batch_size=100, seed=3)][0]
     other = [y for _, y in data.build_loader("digits", "train", limit=100, batch_size=100, seed=4)][0]

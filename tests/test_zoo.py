@@ -12,9 +12,8 @@ import vitslim  # noqa: F401  (torchvision shim before timm)
 import timm
 from safetensors.torch import save_file
 
-from vitslim import zoo
+from vitslim import data, zoo
 from vitslim.errors import VitslimError
-from vitslim.train import data
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 NAME = "vit_tiny_patch16_224"  # built with SMALL overrides: fast on CPU
@@ -248,10 +247,10 @@ def test_default_model_architecture_and_preprocessing(default_first):
     model, _ = default_first
     assert isinstance(model, timm.models.VisionTransformer) and not model.training
     assert model.global_pool == "token" and model.cls_token is not None
-    assert model.patch_embed.num_patches == 64 and len(model.blocks) == 8
+    assert model.patch_embed.num_patches == 196 and len(model.blocks) == 4
     assert model.embed_dim == 64 and model.blocks[0].attn.head_dim == 16
     cfg = timm.data.resolve_data_config({}, model=model)
-    assert cfg["input_size"] == (1, 16, 16) and tuple(cfg["mean"]) == data.DIGITS_DATA_CFG["mean"]
+    assert cfg["input_size"] == (1, 28, 28) and tuple(cfg["mean"]) == data.DIGITS_DATA_CFG["mean"]
 
 
 def test_default_model_accuracy_and_cached_record(default_first):

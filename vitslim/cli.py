@@ -199,7 +199,7 @@ def _load(args: argparse.Namespace):
 
 
 def _loader(args: argparse.Namespace, model):
-    from vitslim.train.data import build_loader
+    from vitslim.data import build_loader
 
     data = args.data or _default_data(args, model)
     if data is None:
@@ -270,7 +270,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vitslim.export import save, slim
+    from vitslim.export.channels import save, slim
     from vitslim.train.checkpoint import load
 
     model = load(args.checkpoint)
@@ -290,7 +290,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from vitslim.measure import fit_latency
     from vitslim.train.config import TrainConfig
     from vitslim.train.engine import fit, teacher_copy
-    from vitslim.train.data import build_dataset
+    from vitslim.data import build_dataset
     from vitslim.train.engine import distributed_env, resume_path, wants_teacher
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
@@ -341,9 +341,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vitslim.measure.report import atomic_write
+    from vitslim.data import build_loader
+    from vitslim.io import atomic_write
     from vitslim.methods.prune_merge import calibrate, save_scores
-    from vitslim.train.data import build_loader
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from vitslim.io import atomic_write
 
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
@@ -46,13 +47,6 @@ def to_markdown(result: dict[str, Any], title: str, command: str | None = None) 
     return "\n".join(out) + "\n"
 
 
-def atomic_write(path: Path, text: str | bytes) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
 def save_report(result: dict[str, Any], out_dir: str | Path, name: str, title: str,
                 command: str | None = None, plot: bool = True) -> list[Path]:
     """Write NAME.json, NAME.md and (with accuracy) NAME.png into ``out_dir``; return the paths."""
@@ -89,8 +83,7 @@ def plot_accuracy_vs_throughput(result: dict[str, Any], path: str | Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return Path(path)
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -51,7 +51,7 @@ from vitslim.budget import LEVEL_STEP
 from vitslim.calibration import MEMORY_BUDGET, backward_bytes, dense_copy, gradient_sums, micro_batch_size
 from vitslim.errors import VitslimError
 from vitslim.measure.macs import analytic_macs, default_input_size
-from vitslim.measure.report import atomic_write
+from vitslim.io import atomic_write
 from vitslim.patch import check_supported
 from vitslim.methods.base import (Method, MethodOptions, ParamOptions, Reducer, calibration_batches, check_locations,
                                   check_rate, register)

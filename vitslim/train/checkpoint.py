@@ -1,41 +1,35 @@
 """Training checkpoints: written atomically, read safely, loaded back into a patched model.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it is
-read with ``torch.load(weights_only=True)`` and never runs code. It is written to a temporary
-file in the same folder, flushed to disk and renamed over the old one: a crash at any moment
-leaves either the previous checkpoint or the new one, never half of one.
+read with ``torch.load(weights_only=True)`` and never runs code. It is written through
+``vitslim.io.atomic_write``: a crash at any moment leaves either the previous checkpoint or the
+new one, never half of one.
 """
 from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from vitslim.errors import VitslimError
+from vitslim.io import atomic_write, load_state_strict
+from vitslim.models import build_from_spec, model_spec
+from vitslim.patch import is_patched, patch, strip_training_modules, unpatch
 
 FORMAT = "vitslim-train-checkpoint"
 FORMAT_VERSION = 1
 
+__all__ = ["save_checkpoint", "read_checkpoint", "is_training_checkpoint", "model_state", "restore_model", "load",
+           "load_state_strict"]
+
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
     """Write ``payload`` to ``path`` atomically (temp file + fsync + rename); returns the path."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    return atomic_write(path, lambda f: torch.save(record, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -69,9 +63,6 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 
 def model_state(model: nn.Module) -> dict[str, Any]:
     """What a checkpoint needs to rebuild ``model``: architecture spec, method and options, weights."""
-    from vitslim.patch import is_patched
-    from vitslim.zoo import model_spec
-
     cfg = model.vitslim_config if is_patched(model) else {}
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -85,36 +76,18 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 def restore_model(payload: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
     """Rebuild (or fill ``model`` with) the checkpoint's patched model, strictly."""
-    import vitslim
-    from vitslim.zoo import build_from_spec
-
     if model is None:
         if payload.get("model_spec") is None:
             raise VitslimError("this checkpoint does not record its architecture (a model built by hand): "
                                "pass the unpatched model, vitslim.load(path, model=...)")
         model = build_from_spec(payload["model_spec"])
     if payload.get("method"):
-        vitslim.patch(model, payload["method"], prop_attn=payload.get("prop_attn"), **payload["options"])
+        patch(model, payload["method"], prop_attn=payload.get("prop_attn"), **payload["options"])
         model.vitslim_config["macs_target"] = payload.get("macs_target")
-    elif vitslim.is_patched(model):
-        vitslim.unpatch(model)
+    elif is_patched(model):
+        unpatch(model)
     load_state_strict(model, payload["model"])
     return model
-
-
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """load_state_dict with every key and shape checked first, and a message that says what differs."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                           for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                              ("wrong shape", wrong)) if keys)
-        raise VitslimError(f"the checkpoint's weights do not fit the model ({detail}); was it trained with "
-                           f"another architecture or method?")
-    model.load_state_dict(state)
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, training: bool = False) -> nn.Module:
@@ -122,7 +95,5 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, training: b
 
     Training-only modules (SiT's reverse modules) are dropped unless ``training=True``.
     """
-    from vitslim.patch import strip_training_modules
-
     model = restore_model(read_checkpoint(path), model)
     return (model if training else strip_training_modules(model)).eval()

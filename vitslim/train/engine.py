@@ -41,7 +41,7 @@ from vitslim._version import __version__
 from vitslim.errors import VitslimError
 from vitslim.train.checkpoint import load_state_strict, model_state, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
-from vitslim.measure.report import atomic_write
+from vitslim.io import atomic_write
 from vitslim.methods.base import ParamOptions, get_method
 from vitslim.patch import is_patched, unpatch
 from vitslim.train.losses import FINAL, Criterion
@@ -372,7 +372,7 @@ class JsonlLog:
 
 
 def _dataset(data: Any, split: str, model: nn.Module, augment: dict | None, limit: int | None = None):
-    from vitslim.train.data import build_dataset
+    from vitslim.data import build_dataset
 
     if isinstance(data, str):
         return build_dataset(data, split, model=model, augment=augment, limit=limit)

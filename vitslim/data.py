@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import vitslim  # noqa: F401  (torchvision shim before timm)
+from vitslim import _compat  # noqa: F401  (torchvision shim before timm)
 import timm.data
 from torchvision import transforms as T
 
@@ -21,13 +21,14 @@ from vitslim.errors import VitslimError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
 
-# The embedded default model's input: digits' 8x8 grey images upsampled (bilinear) to 16x16, i.e. an
-# 8x8 grid of 2x2 patches, normalised with the training split's pixel mean and std at that size.
+# The embedded default model's input: digits' 8x8 grey images upsampled (bilinear) to 28x28, i.e. a
+# 14x14 grid of 2x2 patches (196 tokens, the grid of a 224-px ViT/16), normalised with the training
+# split's pixel mean and std at that size.
 DIGITS_DATA_CFG = dict(
-    input_size=(1, 16, 16), interpolation="bilinear", crop_pct=1.0, crop_mode="center", mean=(0.3054,), std=(0.3187,)
+    input_size=(1, 28, 28), interpolation="bilinear", crop_pct=1.0, crop_mode="center", mean=(0.3056,), std=(0.3247,)
 )
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
-DIGITS_SHIFT = 1  # train-time random shift, in 16x16 pixels (half a source pixel)
+DIGITS_SHIFT = 2  # train-time random shift, in 28x28 pixels (about half a source pixel)
 
 _CACHE_MAX_PIXELS = 64 * 64  # decode small images (CIFAR-10) once per process; large ones on every read
 _DECODED: dict[tuple[str, str], np.ndarray] = {}
@@ -38,7 +39,7 @@ def data_root() -> pathlib.Path | None:
     env = os.environ.get("VITSLIM_DATA")
     if env:
         return pathlib.Path(env).expanduser()
-    root = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"  # <repo>/../shared/data
+    root = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # <repo>/../shared/data
     return root if root.is_dir() else None
 
 
@@ -60,7 +61,7 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A digits split as the default model sees it at test time: (N, 1, 16, 16) float32 and (N,) int64 labels."""
+    """A digits split as the default model sees it at test time: (N, 1, 28, 28) float32 and (N,) int64 labels."""
     images, labels = digits_split(split)
     transform = build_transform(DIGITS_DATA_CFG, "test")
     return torch.stack([transform(Image.fromarray(image)) for image in images]), torch.from_numpy(labels.copy())
