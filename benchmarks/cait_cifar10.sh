@@ -5,9 +5,9 @@
 # (benchmarks/sit_cifar10.sh), else trained here. The CDCP/CAIT runs are then exported (sliced) and the
 # exported models evaluated (fp32): that is the accuracy reported. About 6 x 6 = 36 minutes on 2 CPU cores
 # (plus 25 minutes if the ToMe/EViT/dense runs must be trained). Results: benchmarks/results/cait_cifar10.{md,json}.
-OUT=${OUT:-vitslim-out/cait_cifar10}
 . "$(dirname "$0")/short_finetune.sh"
-SIT_OUT=${SIT_OUT:-vitslim-out/sit_cifar10}
+OUT=${OUT:-$WORK/cait_cifar10}
+SIT_OUT=${SIT_OUT:-$WORK/sit_cifar10}
 mkdir -p "$OUT"
 reuse() {  # reuse() RUN ARGS...: link SIT_OUT/RUN when it finished, else train it here
   local run=$1; shift
@@ -30,5 +30,5 @@ for macs in 0.5 0.7; do
   runs+=("tome@$macs" "evit@$macs" "atme@$macs" "cdcp@$macs" "cait@$macs")
   exported+=("cdcp@$macs" "cait@$macs")
 done
-python benchmarks/cait_export_eval.py "$OUT" "${exported[@]}"
-python benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name cait_cifar10
+"$PYTHON" benchmarks/cait_export_eval.py "$OUT" "${exported[@]}" --data "$DATA" "${SMOKE_EVAL[@]}"
+"$PYTHON" benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name cait_cifar10 --results "$RESULTS"

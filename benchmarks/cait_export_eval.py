@@ -3,6 +3,8 @@
 For each run folder: vitslim.load(last.pt) -> vitslim.export.slim -> save OUT/RUN/model.safetensors
 -> vitslim.export.load -> top-1 on the CIFAR-10 test set (fp32), written to OUT/RUN/exported.json,
 which finetune_report.py adds to its table. The reported accuracy is the exported model's.
+
+    python benchmarks/cait_export_eval.py OUT RUN... [--data cifar10] [--limit N]
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("runs", nargs="+")
+    parser.add_argument("--data", default="cifar10", help="test data (default cifar10)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, help="evaluate on only this many test images (smoke tests)")
     args = parser.parse_args()
@@ -32,7 +35,7 @@ def main() -> None:
         slim = export.slim(model)
         export.save(slim, folder / "model.safetensors")
         loaded = export.load(folder / "model.safetensors")
-        loader = build_loader("cifar10", "test", model=loaded, batch_size=128, limit=args.limit)
+        loader = build_loader(args.data, "test", model=loaded, batch_size=128, limit=args.limit)
         acc = evaluate(loaded, loader, progress=False, threads=args.threads)
         record = {"top1": acc["top1"], "top5": acc["top5"], "n": acc["n"],
                   "gmacs": vitslim.count_macs(loaded) / 1e9, "channels": loaded.vitslim_channels,

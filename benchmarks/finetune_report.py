@@ -19,9 +19,10 @@ def row(run: pathlib.Path, dense_macs: float) -> dict:
     before = next((r for r in history if r["event"] == "eval"), {"top1": None})  # None: run without --eval-before
     after = summary["final"]
     epochs = [r for r in history if r["event"] == "epoch"]
+    macs = vitslim.count_macs(model)
     return {
         "run": run.name, "method": summary["method"] or "dense", "macs_target": summary["macs"],
-        "gmacs": vitslim.count_macs(model) / 1e9, "macs_fraction": vitslim.count_macs(model) / dense_macs,
+        "gmacs": macs / 1e9, "macs_fraction": macs / dense_macs,
         "top1_before": before["top1"], "top1_after": after["top1"], "n": after["n"], "steps": summary["steps"],
         "train_images_per_s": sum(e["train_images_per_s"] for e in epochs) / len(epochs),
         "train_seconds": sum(e["seconds"] for e in epochs), "command": summary["command"],

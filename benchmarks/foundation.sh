@@ -1,38 +1,25 @@
 #!/usr/bin/env bash
-# Foundation benchmarks (issue 2). Run from the repository root with the venv active:
-#   bash benchmarks/foundation.sh            # all three
-#   bash benchmarks/foundation.sh speed      # DeiT-S speed only
+# Foundation benchmarks (issue 2). Run from anywhere with the venv active:
+#   bash benchmarks/foundation.sh            # all four
+#   bash benchmarks/foundation.sh accuracy   # one of: speed allocator accuracy overhead
 # Results land in benchmarks/results/ as markdown + JSON (each records the command that made it).
-# Needs ../shared (or VITSLIM_DATA / a copy of the reference model) for the CIFAR-10 part.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-if ! command -v vitslim >/dev/null; then
-  if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate
-  else echo "foundation.sh: vitslim is not installed: run the README's first command" >&2; exit 1; fi
-fi
-export HF_HUB_OFFLINE=1
-out=benchmarks/results
+# Needs ../shared (or VITSLIM_SHARED / VITSLIM_DATA) for the CIFAR-10 part.
+. "$(dirname "$0")/common.sh"
 what=${1:-all}
-shared=${VITSLIM_SHARED:-../shared}
-
 if [[ $what == all || $what == speed ]]; then
-  # (a) DeiT-S 224, random init (speed does not depend on the weights), 2 threads, fp32
-  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 32 --runs 12 \
-    --threads 2 --out $out --name deit_s_speed_b32
-  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 1 --runs 30 \
-    --threads 2 --out $out --name deit_s_speed_b1
+  # (a) DeiT-S 224 speed, ToMe / EViT / top-k (random init), 2 threads, fp32: results/deit_s_speed_b{32,1}
+  bash benchmarks/speed.sh tome
 fi
 if [[ $what == all || $what == allocator ]]; then
   # the same batch-32 run with glibc's stock allocator (a fresh process, nothing tuned)
-  vitslim bench --model deit_small_patch16_224 --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 \
-    --threads 2 --allocator default --out $out --name deit_s_speed_b32_stock_allocator
+  bash benchmarks/speed.sh allocator
 fi
 if [[ $what == all || $what == accuracy ]]; then
   # (b) the reference CIFAR-10 ViT (66.4% dense), training-free, on all 10,000 test images
-  vitslim compare --model $shared/models/cifar10-vit-d12w128 --data cifar10 --split test \
-    --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 --threads 2 --out $out --name cifar10_training_free
+  vitslim compare --model "$MODEL" --data "$DATA" --split test --budgets 0.5,0.6,0.7 --batch-size 32 --runs 7 \
+    --threads 2 --out "$RESULTS" --name cifar10_training_free "${SMOKE_COMPARE[@]}"
 fi
 if [[ $what == all || $what == overhead ]]; then
   # where ToMe's time goes at batch 1, and the token-gather choice
-  python benchmarks/tome_overhead.py
+  "$PYTHON" benchmarks/tome_overhead.py
 fi

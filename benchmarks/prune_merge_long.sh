@@ -3,12 +3,11 @@
 # 2 epochs (780 steps of 128) with the other settings of prune_merge_cifar10.sh (run that first: the
 # scores, the dense row and the 200-step row come from it). About 15 minutes on 2 CPU cores.
 # Result: benchmarks/results/prune_merge_long_cifar10.{md,json}.
-OUT=${OUT:-vitslim-out/prune_merge_cifar10}
 . "$(dirname "$0")/short_finetune.sh"
-BASE=${BASE:-vitslim-out/sit_cifar10}
-LONG=("${COMMON[@]/--max-steps/--epochs}")  # same settings, 2 epochs instead of 200 steps
-LONG=("${LONG[@]/200/2}")
-vitslim train "${LONG[@]}" --method prune_merge --macs 0.65 --option scores="$OUT/scores.safetensors" \
+OUT=${OUT:-$WORK/prune_merge_cifar10}
+BASE=${BASE:-$WORK/sit_cifar10}
+finetune_args --epochs 2  # same settings, 2 epochs instead of 200 steps
+vitslim train "${COMMON[@]}" --method prune_merge --macs 0.65 --option scores="$OUT/scores.safetensors" \
     --kd-weight 0.5 --kd-mode convex --out "$OUT/prune_merge-2ep@0.65"
-python benchmarks/finetune_report.py "$OUT" "$(realpath --relative-to="$OUT" "$BASE/dense")" "prune_merge@0.65" \
-    "prune_merge-2ep@0.65" --name prune_merge_long_cifar10
+"$PYTHON" benchmarks/finetune_report.py "$OUT" "$(realpath --relative-to="$OUT" "$BASE/dense")" "prune_merge@0.65" \
+    "prune_merge-2ep@0.65" --name prune_merge_long_cifar10 --results "$RESULTS"

@@ -6,6 +6,7 @@
 # is the teacher everywhere, and a dense run with the same budget is the control. About 45 minutes on 2 CPU cores.
 # Results: benchmarks/results/sit_cifar10.{md,json}.
 . "$(dirname "$0")/short_finetune.sh"
+OUT=${OUT:-$WORK/sit_cifar10}
 vitslim train "${COMMON[@]}" --kd-weight 0.5 --kd-mode convex --out "$OUT/dense"
 runs=(dense)
 for macs in 0.5 0.7; do
@@ -19,4 +20,4 @@ for macs in 0.5 0.7; do
   done
   runs+=("sit-frd@$macs" "sit-kd@$macs" "tome@$macs" "evit@$macs")
 done
-python benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name sit_cifar10
+"$PYTHON" benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name sit_cifar10 --results "$RESULTS"

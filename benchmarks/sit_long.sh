@@ -4,8 +4,9 @@
 # to see how much of SiT's gap there is the short budget. About 18 minutes on 2 CPU cores.
 # Result: benchmarks/results/sit_long_cifar10.{md,json}.
 . "$(dirname "$0")/short_finetune.sh"
-LONG=("${COMMON[@]/--max-steps/--epochs}")  # same settings, 2 epochs instead of 200 steps
-LONG=("${LONG[@]/200/2}")
-vitslim train "${LONG[@]}" --method sit --macs 0.5 --kd-weight 2 --kd-mode add --token-weight 2 \
+OUT=${OUT:-$WORK/sit_cifar10}
+finetune_args --epochs 2  # same settings, 2 epochs instead of 200 steps
+vitslim train "${COMMON[@]}" --method sit --macs 0.5 --kd-weight 2 --kd-mode add --token-weight 2 \
     --out "$OUT/sit-frd-2ep@0.5"
-python benchmarks/finetune_report.py "$OUT" dense "sit-frd@0.5" "sit-frd-2ep@0.5" --name sit_long_cifar10
+"$PYTHON" benchmarks/finetune_report.py "$OUT" dense "sit-frd@0.5" "sit-frd-2ep@0.5" --name sit_long_cifar10 \
+    --results "$RESULTS"

@@ -5,11 +5,13 @@
 # at the last stage + the ratio loss (2/3 per stage). Inference prunes for real (deterministic top-k).
 # The dense, ToMe and EViT rows are the runs of sit_cifar10.sh (same OUT folder): run that first.
 # About 12 minutes on 2 CPU cores. Results: benchmarks/results/spvit_cifar10.{md,json}.
+# Then: python benchmarks/spvit_modes.py "$OUT/spvit@0.5/last.pt" --limit 2000 (three forwards, README).
 . "$(dirname "$0")/short_finetune.sh"
+OUT=${OUT:-$WORK/sit_cifar10}
 runs=(dense)
 for macs in 0.5 0.7; do
   vitslim train "${COMMON[@]}" --method spvit --macs $macs --kd-weight 0.5 --kd-mode add --token-weight 0.5 \
       --out "$OUT/spvit@$macs"
   runs+=("spvit@$macs" "tome@$macs" "evit@$macs")
 done
-python benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name spvit_cifar10
+"$PYTHON" benchmarks/finetune_report.py "$OUT" "${runs[@]}" --name spvit_cifar10 --results "$RESULTS"

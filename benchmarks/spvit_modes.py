@@ -3,13 +3,16 @@
 (b) the official evaluation: the masked training forward with Gumbel noise (no speed-up);
 (c) the masked training forward with argmax decisions (adaptive count per image, no noise).
 
-    python benchmarks/spvit_modes.py CHECKPOINT [--limit N]
+    python benchmarks/spvit_modes.py CHECKPOINT [--limit N] [--data cifar10]
+
+Smoke mode (VITSLIM_BENCH_SMOKE=1, see smoke.py): at most 16 images, digits when the data is missing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
+import smoke  # benchmarks/smoke.py, beside this file
 import torch
 
 import vitslim
@@ -41,11 +44,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--data", default="cifar10", help="test data (default cifar10)")
     args = parser.parse_args()
+    if smoke.ENABLED:
+        args.limit, args.data = min(args.limit or smoke.IMAGES, smoke.IMAGES), smoke.data(args.data)
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(smoke.THREADS if smoke.ENABLED else 2)
     model = vitslim.load(args.checkpoint)
-    loader = build_loader("cifar10", "test", model=model, batch_size=256, limit=args.limit)
+    loader = build_loader(args.data, "test", model=model, batch_size=256, limit=args.limit)
     rows = {"(a) top-k inference": accuracy(model, loader, masked=False),
             "(b) masked + Gumbel (official eval)": accuracy(model, loader, masked=True, gumbel=True),
             "(c) masked + argmax": accuracy(model, loader, masked=True, gumbel=False)}

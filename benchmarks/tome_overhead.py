@@ -3,7 +3,8 @@
     python benchmarks/tome_overhead.py            # writes benchmarks/results/tome_overhead.{json,md}
 
 Also times the two ways of gathering tokens (``gather`` with an expanded index vs a flat
-``index_select``), the choice ``vitslim.tokens.gather_tokens`` makes.
+``index_select``), the choice ``vitslim.tokens.gather_tokens`` makes. Smoke mode (VITSLIM_BENCH_SMOKE=1,
+see smoke.py): a tiny ViT, 2 forwards, results in the smoke folder.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import smoke  # benchmarks/smoke.py, beside this file
 import vitslim  # noqa: F401  (before timm)
 import timm
 import torch
@@ -20,12 +22,13 @@ import torch
 from vitslim.methods.tome import ToMeMerge
 from vitslim.tokens import Matching, merge_matched
 
-OUT = Path(__file__).parent / "results"
+OUT = smoke.results_dir(Path(__file__).parent / "results")
 
 
 def step_times(batch: int = 1, budget: float = 0.6, forwards: int = 40) -> dict[str, float]:
     """Microseconds per block of each ToMe step, timed inside the patched forward."""
-    model = vitslim.patch(timm.create_model("deit_small_patch16_224").eval(), "tome", macs=budget)
+    spec, overrides = smoke.model_spec("deit_small_patch16_224")
+    model = vitslim.patch(timm.create_model(spec, **overrides).eval(), "tome", macs=budget)
     totals: dict[str, float] = {}
 
     def tick(name: str, start: float) -> float:
@@ -55,7 +58,7 @@ def step_times(batch: int = 1, budget: float = 0.6, forwards: int = 40) -> dict[
     original = ToMeMerge.after_attn
     ToMeMerge.after_attn = timed_after_attn
     try:
-        x = torch.randn(batch, 3, 224, 224)
+        x = torch.randn(batch, 3, *model.patch_embed.img_size)
         with torch.inference_mode():
             for _ in range(5):
                 model(x)
@@ -97,11 +100,12 @@ def gather_vs_index_select(batch: int = 16, n: int = 150, channels: int = 384, r
 def main() -> None:
     """Measure and write the results."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(smoke.THREADS if smoke.ENABLED else 2)
+    repeats = dict(forwards=2) if smoke.ENABLED else {}
     result = {"command": "python " + " ".join(sys.argv), "threads": 2, "torch": torch.__version__,
-              "tome_steps_us_per_block_b1": step_times(),
-              "gather_ms_b16_n150_c384": gather_vs_index_select()}
-    OUT.mkdir(exist_ok=True)
+              "tome_steps_us_per_block_b1": step_times(**repeats),
+              "gather_ms_b16_n150_c384": gather_vs_index_select(repeats=repeats.get("forwards", 50))}
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "tome_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# ToMe's per-block cost at batch 1 (DeiT-S 224, macs=0.6, 2 threads)", "",
              f"Command: `{result['command']}`", "", "| step | us per block |", "|---|---|"]

@@ -88,3 +88,41 @@ def test_paired_ratio_cancels_drift_that_a_ratio_of_medians_keeps():
     assert paired_ratio(dense, method) == 2.0
     method_drifted = {"times_ms": [5, 5, 15, 15, 15, 15]}  # slowed one round earlier
     assert paired_ratio(dense, method_drifted) == 2.0
+
+
+def test_run_compare_measures_prebuilt_models_beside_dense_and_their_ideals():
+    import copy
+
+    from vitslim import export
+    from vitslim.errors import VitslimError
+    from vitslim.measure.compare import run_compare
+
+    dense = tiny_vit()
+    merged = vitslim.patch(copy.deepcopy(dense), "tome", r=4)  # native options: no MACs target
+    slim = export.slim(vitslim.patch(copy.deepcopy(dense), "cdcp", macs=0.6))
+    timing = dict(batch_size=2, runs=5, warmup=1, threads=1, progress=False)
+    result = run_compare(dense, ["evit"], [0.7], models={"tome r=4": merged}, **timing)
+    assert [r["method"] for r in result["rows"]] == ["dense", "evit", "tome r=4"]
+    row = result["rows"][2]
+    assert row["gmacs"] == vitslim.count_macs(merged) / 1e9 and row["budget"] == round(row["macs_ratio"], 3)
+    assert row["options"]["r"] == [4] * 4 and row["tokens"] == [list(t) for t in vitslim.describe(merged)["tokens"]]
+    assert row["ideal_speedup"] > 0 and row["measured_over_ideal"] > 0
+    result = run_compare(dense, [], [], models=[("cdcp@0.6 (exported)", slim, {"budget": 0.6, "note": "sliced"})],
+                         **timing)
+    row = result["rows"][1]
+    assert row["method"] == "cdcp@0.6 (exported)" and row["note"] == "sliced"
+    assert abs(row["macs_ratio"] - 0.6) <= 0.03  # the sliced model is what was measured
+    assert set(result["protocol"]) >= {"batch_size", "runs", "threads", "allocator", "speed", "macs"}
+    with pytest.raises(VitslimError, match="taken"):
+        run_compare(dense, [], [], models={"dense": slim}, **timing)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "0", "batch size must be a whole number >= 1, got 0"),
+    ("--runs", "0", "runs must be >= 5 for a trustworthy median, got 0"),
+])
+def test_bench_rejects_timing_it_cannot_measure_in_one_line(flag, value, message, capsys):
+    from vitslim.cli import main
+
+    assert main(["bench", "--model", "deit_tiny_patch16_224", "--methods", "tome", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"vitslim: error: {message}"

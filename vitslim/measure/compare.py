@@ -3,62 +3,118 @@ from __future__ import annotations
 
 import copy
 import platform
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import timm
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import vitslim
+from vitslim._version import __version__
+from vitslim.errors import VitslimError
 from vitslim.measure.accuracy import evaluate
 from vitslim.measure.macs import count_macs, default_input_size
-from vitslim.measure.speed import compare_speed, ideal_model, paired_ratio
+from vitslim.measure.speed import check_timing, compare_speed, ideal_model, paired_ratio
+from vitslim.patch import describe, is_patched, patch, unpatch
+
+# Prebuilt models for run_compare: {name: model}, {name: (model, row info)} or [(name, model, row info)]
+Prebuilt = Union[Mapping[str, Union[nn.Module, tuple[nn.Module, dict]]], Sequence[tuple[str, nn.Module, dict]]]
+
+SPEED_PROTOCOL = ("round-robin timed runs in one process (each model beside its ideal); img/s from the median "
+                  "time; speed-up and measured/ideal are medians of per-round paired ratios; ideal = dense "
+                  "blocks on the same token counts")
 
 
 def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[float], *,
                 loader: Iterable | None = None, batch_size: int = 32, runs: int = 5, warmup: int = 2,
                 threads: int | None = 2, precision: str = "fp32", allocator: str = "tuned",
-                options: dict[str, dict] | None = None,
+                options: dict[str, dict] | None = None, models: Prebuilt | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Patch a copy of ``model`` per (method, budget), then measure all of them against dense.
 
     A model that is already patched (e.g. a fine-tuned checkpoint from ``vitslim.load``) is
     measured as it is, in a row named "METHOD (as loaded)", beside its unpatched weights as dense.
+    ``models`` adds prebuilt models (e.g. exported, sliced ones) measured the same way, each beside
+    its ideal: ``{"cdcp@0.5 (exported)": slim}`` or ``[(name, model, extra row fields)]``.
     """
-    options = options or {}
+    check_timing(batch_size, runs, warmup, precision, allocator)  # before the slow patching
+    dense, configs, rows = build_configs(model, methods, budgets, options or {}, progress)
+    for name, prebuilt, info in _prebuilt(models):
+        if name in configs:
+            raise VitslimError(f"models: the name {name!r} is taken by another row; give it another name")
+        configs[name] = prebuilt.eval()
+        rows.append(_row(name, prebuilt, info))
+    count_row_macs(rows, configs.values(), count_macs(dense))
+    speeds = time_rows(rows, configs, batch_size=batch_size, runs=runs, warmup=warmup, threads=threads,
+                       precision=precision, allocator=allocator, progress=progress)
+    if loader is not None:
+        evaluate_rows(rows, configs.values(), loader, threads=threads, progress=progress)
+    return {"protocol": protocol(dense, speeds["dense"], batch_size=batch_size, runs=runs, warmup=warmup,
+                                 precision=precision), "rows": rows}
+
+
+def _row(method: str, model: nn.Module, info: dict | None = None) -> dict[str, Any]:
+    """A table row for a model: method name, budget (None: its measured MACs fraction), options, tokens."""
+    described = describe(model)
+    row = {"method": method, "budget": described["macs_target"], "options": described["options"],
+           "tokens": [list(t) for t in described["tokens"]]}
+    return {**row, **(info or {})}
+
+
+def _prebuilt(models: Prebuilt | None) -> list[tuple[str, nn.Module, dict]]:
+    """``models`` of run_compare as (name, model, row info) triples."""
+    if models is None:
+        return []
+    if isinstance(models, Mapping):
+        items = [(name, *(m if isinstance(m, tuple) else (m, {}))) for name, m in models.items()]
+    else:
+        items = [tuple(item) for item in models]
+    for item in items:
+        if len(item) != 3 or not isinstance(item[1], nn.Module):
+            raise VitslimError("models takes {name: model}, {name: (model, row info)} or [(name, model, row info)]")
+    return items
+
+
+def build_configs(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
+                  options: Mapping[str, dict], progress: bool = False
+                  ) -> tuple[nn.Module, dict[str, nn.Module], list[dict[str, Any]]]:
+    """Dense, the loaded model (when ``model`` is patched) and one patched copy per (method, budget)."""
     model = model.eval()
     loaded = None
-    if vitslim.is_patched(model):
-        loaded, model = model, vitslim.unpatch(copy.deepcopy(model))
+    if is_patched(model):
+        loaded, model = model, unpatch(copy.deepcopy(model))
     configs: dict[str, nn.Module] = {"dense": model}
     rows: list[dict[str, Any]] = [{"method": "dense", "budget": 1.0, "options": {}}]
     if loaded is not None:
-        cfg = loaded.vitslim_config
-        name = f"{cfg['method']} (as loaded)"
+        name = f"{loaded.vitslim_config['method']} (as loaded)"
         configs[name] = loaded
-        rows.append({"method": name, "budget": cfg["macs_target"], "options": cfg["options"],
-                     "tokens": [list(t) for t in vitslim.describe(loaded)["tokens"]]})
+        rows.append(_row(name, loaded))
     for method, budget in tqdm([(m, b) for m in methods for b in budgets], desc="patching (macs= search)",
                                disable=not progress, leave=False):
-        patched = vitslim.patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
+        patched = patch(copy.deepcopy(model), method, macs=budget, **options.get(method, {}))
         configs[f"{method}@{budget}"] = patched
-        described = vitslim.describe(patched)
-        rows.append({"method": method, "budget": budget, "options": described["options"],
-                     "tokens": [list(t) for t in described["tokens"]]})
-    dense_macs = count_macs(model)
-    for row, m in zip(rows, configs.values()):
+        rows.append(_row(method, patched, {"budget": budget}))
+    return model, configs, rows
+
+
+def count_row_macs(rows: list[dict[str, Any]], models: Iterable[nn.Module], dense_macs: float) -> None:
+    """GMACs and the fraction of dense per row; a row without a budget gets its measured fraction."""
+    for row, m in zip(rows, models):
         row["gmacs"] = count_macs(m) / 1e9
         row["macs_ratio"] = row["gmacs"] * 1e9 / dense_macs
-        if row["budget"] is None:  # a loaded model patched with native options: its measured fraction
+        if row["budget"] is None:  # e.g. a loaded model patched with native options
             row["budget"] = round(row["macs_ratio"], 3)
+
+
+def time_rows(rows: list[dict[str, Any]], configs: Mapping[str, nn.Module], **timing: Any) -> dict[str, dict]:
+    """Time every model beside its ideal; fill img/s, p90, speed-up, ideal speed-up and measured/ideal."""
     timed: dict[str, nn.Module] = {}
     for name, m in configs.items():  # each model next to its ideal: paired rounds cancel drift
         timed[name] = m
         if name != "dense":
             timed[name + ":ideal"] = ideal_model(m)
-    speeds = compare_speed(timed, batch_size, runs=runs, warmup=warmup, threads=threads,
-                           precision=precision, allocator=allocator, progress=progress)
+    batch_size = timing.pop("batch_size")
+    speeds = compare_speed(timed, batch_size, **timing)
     dense = speeds["dense"]
     for row, name in zip(rows, configs):
         row["images_per_s"] = speeds[name]["images_per_s"]
@@ -68,21 +124,28 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
             ideal = speeds[name + ":ideal"]
             row["ideal_speedup"] = paired_ratio(dense, ideal)
             row["measured_over_ideal"] = paired_ratio(ideal, speeds[name])
-    if loader is not None:
-        for row, (name, m) in tqdm(list(zip(rows, configs.items())), desc="accuracy", disable=not progress):
-            acc = evaluate(m, loader, progress=False, threads=threads)
-            row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"])
-        for row in rows:
-            row["top1_delta"] = row["top1"] - rows[0]["top1"]
-    protocol = {
-        "input_size": list(default_input_size(model)), "batch_size": batch_size, "runs": runs,
-        "warmup": warmup, "threads": speeds["dense"]["threads"], "precision": precision,
-        "allocator": speeds["dense"]["allocator"],
-        "fused_attn": bool(model.blocks[0].attn.fused_attn), "torch": torch.__version__,
-        "timm": timm.__version__, "vitslim": vitslim.__version__, "cpu": platform.processor() or platform.machine(),
-        "speed": "round-robin timed runs in one process (each model beside its ideal); img/s from the median "
-                 "time; speed-up and measured/ideal are medians of per-round paired ratios; ideal = dense "
-                 "blocks on the same token counts",
+    return speeds
+
+
+def evaluate_rows(rows: list[dict[str, Any]], models: Iterable[nn.Module], loader: Iterable, *,
+                  threads: int | None = 2, progress: bool = False) -> None:
+    """Top-1/top-5 per row, and the top-1 change against the first (dense) row."""
+    for row, m in tqdm(list(zip(rows, models)), desc="accuracy", disable=not progress):
+        acc = evaluate(m, loader, progress=False, threads=threads)
+        row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"])
+    for row in rows:
+        row["top1_delta"] = row["top1"] - rows[0]["top1"]
+
+
+def protocol(dense: nn.Module, dense_speed: dict[str, Any], *, batch_size: int, runs: int, warmup: int,
+             precision: str) -> dict[str, Any]:
+    """How the numbers were measured: input, timing settings, versions and machine."""
+    return {
+        "input_size": list(default_input_size(dense)), "batch_size": batch_size, "runs": runs,
+        "warmup": warmup, "threads": dense_speed["threads"], "precision": precision,
+        "allocator": dense_speed["allocator"],
+        "fused_attn": bool(dense.blocks[0].attn.fused_attn), "torch": torch.__version__,
+        "timm": timm.__version__, "vitslim": __version__, "cpu": platform.processor() or platform.machine(),
+        "speed": SPEED_PROTOCOL,
         "macs": "vitslim.count_macs (attention and reducer work included), per image",
     }
-    return {"protocol": protocol, "rows": rows}

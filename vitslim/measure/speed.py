@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vitslim.errors import VitslimError
 from vitslim.measure.macs import default_input_size
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,8 +52,6 @@ def _threads(n: int | None) -> Iterator[int]:
 
 
 def _autocast(precision: str):
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
     dtype = _DTYPES[precision]
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -74,15 +73,27 @@ def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
     return statistics.median(a / b for a, b in zip(slow["times_ms"], fast["times_ms"]))
 
 
+def check_timing(batch_size: int, runs: int, warmup: int = 0, precision: str = "fp32",
+                 allocator: str = "tuned") -> None:
+    """Raise a VitslimError that says what to pass when a timing setting cannot give a measurement."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise VitslimError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if not isinstance(runs, int) or runs < 5:
+        raise VitslimError(f"runs must be >= 5 for a trustworthy median, got {runs!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise VitslimError(f"warmup must be a whole number >= 0, got {warmup!r}")
+    if precision not in _DTYPES:
+        raise VitslimError(f"precision must be one of {', '.join(sorted(_DTYPES))}, got {precision!r}")
+    if allocator not in ("tuned", "default"):
+        raise VitslimError(f"allocator must be 'tuned' or 'default', got {allocator!r}")
+
+
 def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
                   input_size: tuple[int, int, int] | None = None, runs: int = 7, warmup: int = 2,
                   threads: int | None = 2, precision: str = "fp32",
                   allocator: str = "tuned", progress: bool = False) -> dict[str, dict[str, Any]]:
     """Time several models round-robin on the same input; each gets images/s, median and p90."""
-    if runs < 5:
-        raise ValueError(f"runs must be >= 5 for a trustworthy median, got {runs}")
-    if allocator not in ("tuned", "default"):
-        raise ValueError(f"allocator must be 'tuned' or 'default', got {allocator!r}")
+    check_timing(batch_size, runs, warmup, precision, allocator)
     allocator_state = tune_allocator() if allocator == "tuned" else _allocator_state
     first = next(iter(models.values()))
     x = torch.randn(batch_size, *(input_size or default_input_size(first)))

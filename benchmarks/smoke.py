@@ -1,0 +1,77 @@
+"""Smoke mode of the benchmark scripts: ``VITSLIM_BENCH_SMOKE=1`` runs their real commands on tiny inputs.
+
+In smoke mode every script swaps in a tiny random-init model, one or two steps, a few images (digits when
+CIFAR-10 is not there), one thread and 5 timed runs, and writes into ``$VITSLIM_BENCH_DIR`` (a new
+temporary folder when unset), never into benchmarks/results:
+
+    VITSLIM_BENCH_SMOKE=1 VITSLIM_BENCH_DIR=/tmp/smoke bash benchmarks/speed.sh sit
+
+The shell scripts read the same variables in common.sh; tests/test_benchmarks.py runs them all this way.
+Run as a script, this file writes the tiny model as a timm model folder, for the `vitslim` commands:
+
+    python benchmarks/smoke.py FOLDER
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ENABLED = os.environ.get("VITSLIM_BENCH_SMOKE", "") not in ("", "0")
+# the tests' tiny ViT (tests/conftest.py): 32 px, patch 4 (64 patches + CLS), depth 4, width 64
+TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+TINY_ARCHITECTURE = "vit_tiny_patch16_224"  # the timm name the tiny model overrides
+RUNS, WARMUP, BATCH, IMAGES = 5, 1, 2, 16  # timed runs (the fewest compare_speed takes), batch cap, images
+THREADS = 1  # two spinning OpenMP threads on a busy machine cost several times the work
+
+
+def work_dir() -> Path:
+    """The smoke run's folder: $VITSLIM_BENCH_DIR, else a new temporary one (then exported for the rest)."""
+    if not os.environ.get("VITSLIM_BENCH_DIR"):
+        os.environ["VITSLIM_BENCH_DIR"] = tempfile.mkdtemp(prefix="vitslim-bench-smoke-")
+    return Path(os.environ["VITSLIM_BENCH_DIR"])
+
+
+def results_dir(default: str | Path) -> Path:
+    """Where results go: ``default``, or the smoke folder's results/ in smoke mode."""
+    return work_dir() / "results" if ENABLED else Path(default)
+
+
+def model_spec(spec: str) -> tuple[str, dict]:
+    """(model spec, timm overrides) for vitslim.zoo.load_model: the tiny ViT in smoke mode."""
+    if not ENABLED:
+        return spec, {}
+    import vitslim  # noqa: F401  (before timm)
+    import timm
+
+    return (spec if timm.is_model(spec) else TINY_ARCHITECTURE), dict(TINY_VIT)
+
+
+def data(spec: str) -> str:
+    """The dataset to use: ``spec``, or digits in smoke mode when ``spec`` does not resolve here."""
+    if not ENABLED or spec == "digits" or Path(spec).is_dir():
+        return spec
+    from vitslim.data import data_root
+
+    root = data_root()
+    return spec if root is not None and (root / spec).is_dir() else "digits"
+
+
+def write_tiny_model(folder: str | Path) -> Path:
+    """A random-init tiny ViT as a timm model folder (config.json + model.safetensors)."""
+    import vitslim  # noqa: F401  (before timm)
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_ARCHITECTURE, **TINY_VIT)
+    save_for_hf(model, str(folder), model_args=dict(TINY_VIT), safe_serialization=True)
+    return Path(folder)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {sys.argv[0]} FOLDER")
+    print(f"wrote {write_tiny_model(sys.argv[1])}")
