@@ -537,6 +537,10 @@ class _Run:
                 self._epoch(epoch)
         finally:
             self.bar.close()
+            # Drop the DDP wrapper now, while the process group is alive: if its reducer were the last
+            # owner of a gloo group, the group's destructor would join gloo's thread holding the GIL
+            # that thread waits for (a hang at exit), e.g. when fit's caller outlives destroy_process_group.
+            self.student = None
         return self._result()
 
     def _eval_before(self) -> None:
