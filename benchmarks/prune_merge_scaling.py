@@ -6,7 +6,8 @@ scoring pass plus the ``macs=`` search. Each case runs in a fresh subprocess (pe
 process: ``ru_maxrss``, which includes the model itself) under an address-space cap, so a case that
 needs more memory fails with an error instead of calling the OOM killer on a shared machine.
 ``cpu_s`` (process CPU time of the call, all threads) is steadier than ``wall_s`` on a busy machine.
-Heavy: run the cases one at a time on a quiet machine.
+Heavy: run the cases one at a time on a quiet machine. Smoke mode (VITSLIM_BENCH_SMOKE=1, see smoke.py):
+each case is the tiny ViT, in this process, with the report in the smoke folder.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import smoke  # benchmarks/smoke.py, beside this file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = {"dinov2_s_518": "vit_small_patch14_dinov2", "vit_l_224": "vit_large_patch16_224"}
@@ -38,7 +41,10 @@ def run_case(case: str, method: str, budget: float, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = timm.create_model(CASES[case]).eval()
+    if smoke.ENABLED:
+        model = timm.create_model(smoke.TINY_ARCHITECTURE, **smoke.TINY_VIT).eval()
+    else:
+        model = timm.create_model(CASES[case]).eval()
     model_gib = _peak_gib()
     start, cpu = time.perf_counter(), time.process_time()
     vitslim.patch(model, method, macs=budget)
@@ -68,6 +74,9 @@ def main() -> None:
         return
     rows = []
     for case in args.cases.split(","):
+        if smoke.ENABLED:  # the tiny model needs neither a fresh process nor a memory cap
+            rows.append(run_case(case, args.method, args.budget, smoke.THREADS))
+            continue
         cmd = [sys.executable, __file__, "--one", case, "--method", args.method, "--budget", str(args.budget),
                "--threads", str(args.threads), "--mem-cap-gib", str(args.mem_cap_gib)]
         start = time.perf_counter()
@@ -92,6 +101,8 @@ def main() -> None:
     if args.note:
         protocol["note"] = args.note
     out = pathlib.Path(args.out)
+    if smoke.ENABLED:
+        out = smoke.results_dir(out.parent) / out.name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "protocol": protocol, "rows": rows},
                                                    indent=2) + "\n")

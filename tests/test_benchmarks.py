@@ -33,6 +33,7 @@ EXERCISED = {
     "prune_merge_long.sh": "test_prune_merge_long", "cait_cifar10.sh": "test_cait_cifar10",
     "finetune_cifar10.sh": "second_queue", "foundation.sh": "second_queue", "speed.sh": "second_queue",
     "speed.py": "second_queue", "tome_overhead.py": "second_queue", "cait_speed.py": "test_recorded_python_commands_run",
+    "prune_merge_scaling.py": "test_recorded_python_commands_run",
 }
 
 
