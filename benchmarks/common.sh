@@ -1,6 +1,7 @@
 # Sourced by every benchmark script: run from the repository root with the venv, offline, and
 # the variables the scripts share. `vitslim` is `$PYTHON -m vitslim` (PYTHON defaults to python).
-#   WORK   where training runs go (vitslim-out)    RESULTS  where tables go (benchmarks/results)
+#   WORK   where training runs go (vitslim-out)    RESULTS  where tables go ($VITSLIM_BENCH_RESULTS,
+#          default benchmarks/results)
 #   MODEL  the reference CIFAR-10 ViT in $VITSLIM_SHARED (default ../shared)    DATA  cifar10
 # Smoke mode (VITSLIM_BENCH_SMOKE=1, see benchmarks/smoke.py) runs the same commands in seconds:
 # WORK and RESULTS are $VITSLIM_BENCH_DIR (a new temporary folder when unset), MODEL a tiny random-init
@@ -28,5 +29,5 @@ if [ -n "${VITSLIM_BENCH_SMOKE:-}" ] && [ "$VITSLIM_BENCH_SMOKE" != 0 ]; then
   if [ ! -d "${VITSLIM_DATA:-$SHARED/data}/cifar10" ]; then DATA=digits; fi
   echo "smoke mode: $MODEL on $DATA, output in $WORK" >&2
 else
-  WORK=vitslim-out RESULTS=benchmarks/results SMOKE_TRAIN=() SMOKE_CALIBRATE=() SMOKE_EVAL=() SMOKE_COMPARE=()
+  WORK=vitslim-out RESULTS=${VITSLIM_BENCH_RESULTS:-benchmarks/results} SMOKE_TRAIN=() SMOKE_CALIBRATE=() SMOKE_EVAL=() SMOKE_COMPARE=()
 fi

@@ -33,7 +33,7 @@ EXERCISED = {
     "prune_merge_long.sh": "test_prune_merge_long", "cait_cifar10.sh": "test_cait_cifar10",
     "finetune_cifar10.sh": "second_queue", "foundation.sh": "second_queue", "speed.sh": "second_queue",
     "speed.py": "second_queue", "tome_overhead.py": "second_queue", "cait_speed.py": "test_recorded_python_commands_run",
-    "prune_merge_scaling.py": "test_recorded_python_commands_run",
+    "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
 }
 
 
@@ -177,10 +177,10 @@ def test_foundation_training_free_and_overhead(smoke, second_queue):
     assert (smoke.results / "cifar10_training_free.png").is_file() and smoke.report("tome_overhead")
 
 
-def _load_speed_driver():
+def _load_speed_driver(script: str = "speed.py"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH / "speed.py")
+    spec = importlib.util.spec_from_file_location("bench_" + Path(script).stem, BENCH / script)
     sys.path.insert(0, str(BENCH))  # speed.py imports smoke.py beside it
     try:
         module = importlib.util.module_from_spec(spec)
@@ -238,3 +238,21 @@ def test_recorded_python_commands_run(smoke, command, tmp_path):
     """A committed result made by a benchmark script: its command runs today (smoke mode, its own folder)."""
     smoke(smoke.python, *shlex.split(command)[1:], VITSLIM_BENCH_DIR=str(tmp_path))
     assert list((tmp_path / "results").glob("*.json")), f"{command} wrote no report into the smoke folder"
+
+
+def test_speed_recheck(tmp_path):
+    """The rerun report pairs rows by method and budget and gives new/committed per row and per table."""
+    name = "deit_s_cait_speed_b32.json"
+    committed = json.loads((RESULTS / name).read_text())
+    for row in committed["rows"]:
+        if row["method"].startswith("cdcp"):
+            row["speedup"] *= 1.1  # the rerun is 10% faster on CDCP's rows
+    (tmp_path / name).write_text(json.dumps(committed))
+    recheck = _load_speed_driver("speed_recheck.py")
+    assert recheck.main([str(RESULTS), str(tmp_path), "--name", "check"]) == 0
+    (table,) = json.loads((tmp_path / "check.json").read_text())["tables"]
+    ratios = {(r["method"], r["budget"]): r["speedup_ratio"] for r in table["rows"]}
+    assert ratios[("cdcp", 0.5)] == ratios[("cdcp", 0.7)] == 1.1 and ratios[("atme", 0.5)] == 1.0
+    assert len(ratios) == 6 and table["median_ratio"]["measured_over_ideal"] == 1.0
+    assert "| cdcp | 0.50 |" in (tmp_path / "check.md").read_text()
+    assert recheck.main([str(RESULTS), str(tmp_path / "empty")]) == 2

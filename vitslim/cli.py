@@ -81,7 +81,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs per model, median reported (>= 5)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
-                   help="tuned (default): keep freed buffers in the heap while timing (see README)")
+                   help="tuned (default): keep freed buffers in the heap while timing (docs/measurement.md)")
     p.add_argument("--out", default="vitslim-out", help="folder for the JSON / markdown / PNG report")
     p.add_argument("--name", default=None, help="report file name (default: compare or bench)")
     p.add_argument("--no-plot", action="store_true")

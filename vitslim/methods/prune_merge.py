@@ -19,7 +19,7 @@ Three steps, as in the paper and its official code (``docs/methods/prune_merge.m
    token grid, so dense-prediction heads work unchanged, and the plan is static (same shapes for
    every image: batch-size independent, ``torch.compile`` and export friendly).
 
-Our decisions where the paper or code is unclear (README, "Prune-and-Merge"):
+Our decisions where the paper or code is unclear (docs/methods/prune_merge.md):
 - Scoring takes no optimizer steps (the official loop also steps AdamW at lr 1e-6).
 - Without calibration data the scores come from seeded Gaussian-noise images labelled with the
   model's own predictions: a data-free default that gives a plan whose cost and speed can be
