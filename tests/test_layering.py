@@ -19,7 +19,8 @@ LAYERS = [
     ["vitslim.errors", "vitslim._compat", "vitslim._version", "vitslim.io"],
     ["vitslim.kernels", "vitslim.tokens", "vitslim.budget", "vitslim.measure.macs", "vitslim.methods.base",
      "vitslim.patch"],
-    ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration"],
+    ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration", "vitslim.dense.features",
+     "vitslim.dense.metrics"],
     ["vitslim.models"],
     ["vitslim.train.*"],
     ["vitslim.zoo"],
@@ -139,7 +140,8 @@ def test_token_state_keeps_no_single_method_field():
     from vitslim.tokens import TokenState
 
     assert {f.name for f in dataclasses.fields(TokenState)} == {
-        "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace"}
+        "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace",
+        "dropped"}  # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike
 
 
 def test_every_hook_is_a_documented_method_with_a_default():

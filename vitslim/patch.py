@@ -11,7 +11,7 @@ module names no method: methods reach it only through the hooks of ``vitslim.met
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -97,8 +97,12 @@ class VitslimMixin:
     """Forward methods of a patched VisionTransformer (mixed in front of the model's class)."""
 
     def forward_tokens(self, x: Tensor, *, trace_source: bool = False, trace: bool = False,
-                       attn_mask: Tensor | None = None) -> TokenState:
-        """Embed and run every block; the returned state's ``x`` is after the final norm."""
+                       attn_mask: Tensor | None = None,
+                       on_block: Callable[[int, TokenState], None] | None = None) -> TokenState:
+        """Embed and run every block; the returned state's ``x`` is after the final norm.
+
+        ``on_block(i, state)`` is called after block ``i`` (e.g. to read intermediate features).
+        """
         check_input(self, x)
         if attn_mask is not None:
             raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
@@ -114,8 +118,10 @@ class VitslimMixin:
         if trace_source:
             state.source = init_source(x.shape[0], state.grid0, p, x.device)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for blk, reducer in zip(self.blocks, self._vitslim_plan):
+        for i, (blk, reducer) in enumerate(zip(self.blocks, self._vitslim_plan)):
             state = block_forward(blk, state, reducer, ckpt)
+            if on_block is not None:
+                on_block(i, state)
         state.x = self.norm(state.x)
         for reducer in self.vitslim_reducers.values():
             state = reducer.after_model(state)

@@ -13,6 +13,8 @@ Conventions (all methods rely on them):
 - ``kernel``: a ``vitslim.kernels.BlockKernel`` that a reducer installs for every later block
   (e.g. attention that masks dropped tokens while training); ``None`` is timm's computation.
 - ``aux``: what methods ask of the training loss (``AuxLoss``, ``TokenTarget`` below).
+- ``dropped``: with ``source`` traced, what each patch's token was when pruning or fusing took it
+  away (``Dropped``), so a dense output can restore the patch (``vitslim.dense.features``).
 Merges are index-adds of weighted differences onto the destination rows, or scatter-sums then a
 divide (never scatter-mean), so they export to ONNX.
 """
@@ -48,6 +50,13 @@ class TokenTarget(NamedTuple):
     name: str = "token"
 
 
+class Dropped(NamedTuple):
+    """Per original patch: its token's value when a pruning step dropped or fused it away."""
+
+    values: Tensor  # (B, n0, C); zeros where ``mask`` is False
+    mask: Tensor  # (B, n0) bool: the patch's token was dropped (pruned, or fused into one token)
+
+
 @dataclass
 class TokenState:
     """What travels through the patched blocks: tokens plus the bookkeeping to map them back."""
@@ -63,6 +72,7 @@ class TokenState:
     aux: list[Any] = field(default_factory=list)  # what methods ask of the loss while training (AuxLoss, TokenTarget)
     scratch: dict[str, Any] = field(default_factory=dict)  # a reducer's values between its hooks in one block
     trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
+    dropped: Dropped | None = None  # traced states: patches whose token was pruned or fused away
 
     @property
     def num_patches0(self) -> int:
@@ -148,12 +158,24 @@ def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = No
         fused_size = sizes[:, p:].sum(1, keepdim=True) - kept_size[:, p:].sum(1, keepdim=True)
         kept, kept_size = torch.cat([kept, fused], dim=1), torch.cat([kept_size, fused_size], dim=1)
     if state.source is not None:
+        state.dropped = _record_dropped(state, keep)
         gone = p + k if fuse_weights is not None else -1
         new_pos = torch.full((batch, p + n), gone, dtype=torch.long, device=x.device)
         new_pos.scatter_(1, keep, torch.arange(p + k, device=x.device).expand(batch, p + k))
         state.source = remap_source(state.source, new_pos)
     state.x, state.size, state.grid = kept, kept_size, None
     return state
+
+
+def _record_dropped(state: TokenState, keep: Tensor) -> Dropped:
+    """``state.dropped`` plus the patches whose current token is not in ``keep`` (B, K), with its value now."""
+    source, x = state.source, state.x
+    kept = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, True)
+    lost = (source >= 0) & ~kept.gather(1, source.clamp(min=0))
+    values = gather_tokens(x, source.clamp(min=0))
+    if state.dropped is None:
+        return Dropped(torch.where(lost.unsqueeze(-1), values, torch.zeros_like(values)), lost)
+    return Dropped(torch.where(lost.unsqueeze(-1), values, state.dropped.values), state.dropped.mask | lost)
 
 
 class Matching(NamedTuple):

@@ -1,0 +1,85 @@
+"""Full-grid features from any model, patched or not: what a dense-prediction head reads.
+
+Merged tokens are copied back to every patch they stand for (``vitslim.unmerge``). A patch whose
+token was pruned (top-k, EViT, SPViT) is restored by ``restore``:
+- ``"dropped"`` (default): the value its token had when it was dropped, carried aside through the
+  remaining blocks, as dense variants of token pruning do; after the final norm like every patch.
+- ``"fused"``: the token it was fused into, where the method fuses (EViT's fused token, SPViT's
+  package token); a plain prune (top-k) has none, so those patches keep their dropped value.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vitslim.errors import VitslimError
+from vitslim.patch import check_input, check_supported, is_patched
+from vitslim.tokens import TokenState, unmerge
+
+RESTORES = ("dropped", "fused")
+
+
+def features(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = None, *,
+             restore: str = "dropped", norm: bool = True) -> Tensor | list[Tensor]:
+    """The patch-grid feature map (B, C, H, W) after the final norm, or one per block in ``blocks``.
+
+    ``blocks`` are 0-based (negative counts from the end); their maps go through the final norm
+    too unless ``norm=False``. Works on a patched model (every method) and on a plain timm ViT, at
+    any input size the model takes (non-square with ``dynamic_img_size=True``).
+    """
+    check_supported(model)
+    check_input(model, images)
+    if restore not in RESTORES:
+        raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
+    picked = _blocks(blocks, len(model.blocks))
+    if not is_patched(model):
+        return _dense_features(model, images, picked, norm)
+    post = model.norm if norm else nn.Identity()
+    maps: dict[int, Tensor] = {}
+
+    def tap(i: int, state: TokenState) -> None:
+        if picked is not None and i in picked:
+            maps[i] = _grid(state, post(state.x), restore, post)
+
+    state = model.forward_tokens(images, trace_source=True, on_block=tap)
+    if picked is None:
+        return _grid(state, state.x, restore, model.norm)
+    return [maps[i] for i in picked]
+
+
+def _blocks(blocks: Sequence[int] | None, depth: int) -> list[int] | None:
+    if blocks is None:
+        return None
+    if isinstance(blocks, int):
+        blocks = [blocks]
+    picked = []
+    for b in blocks:
+        if not isinstance(b, int) or not -depth <= b < depth:
+            raise VitslimError(f"blocks must be block indices in [-{depth}, {depth - 1}], got {b!r}")
+        picked.append(b % depth)
+    return picked
+
+
+def _grid(state: TokenState, x: Tensor, restore: str, post: Callable[[Tensor], Tensor]) -> Tensor:
+    """Tokens ``x`` of ``state`` on the full patch grid (B, C, H, W), pruned patches restored."""
+    full = unmerge(state, x)
+    dropped = state.dropped
+    if dropped is not None:
+        mask = dropped.mask if restore == "dropped" else dropped.mask & (state.source < 0)
+        if bool(mask.any()):
+            full = torch.where(mask.unsqueeze(-1), post(dropped.values).to(full.dtype), full)
+    h, w = state.grid0
+    return full.transpose(1, 2).reshape(full.shape[0], full.shape[2], h, w)
+
+
+def _dense_features(model: nn.Module, images: Tensor, picked: list[int] | None, norm: bool) -> Tensor | list[Tensor]:
+    """The same maps from an unpatched model (timm's own forward)."""
+    if picked is not None:
+        return model.forward_intermediates(images, indices=picked, norm=norm, output_fmt="NCHW",
+                                           intermediates_only=True)
+    pe = model.patch_embed
+    grid = pe.dynamic_feat_size(tuple(images.shape[-2:])) if model.dynamic_img_size else pe.grid_size
+    tokens = model.forward_features(images)[:, model.num_prefix_tokens:]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)

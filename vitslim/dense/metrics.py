@@ -1,0 +1,52 @@
+"""Segmentation metrics over a whole split: one confusion matrix, then IoU per class, mIoU, pixel accuracy.
+
+Accumulated over every valid pixel of the split (not averaged per image), at the masks' resolution,
+as mmsegmentation and Segmenter report them. A class that appears neither in the labels nor in the
+predictions of the split has no IoU (NaN) and is left out of the mean.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitslim.errors import VitslimError
+
+
+class ConfusionMatrix:
+    """Counts (label, prediction) pairs over the valid pixels; ``compute`` gives the metrics."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if num_classes < 1:
+            raise VitslimError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.long)  # rows: label, columns: prediction
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        """Add a batch: ``prediction`` class ids or logits (B, K, H, W), ``target`` labels (B, H, W)."""
+        if prediction.dim() == target.dim() + 1:
+            prediction = prediction.argmax(1)
+        if prediction.shape != target.shape:
+            raise VitslimError(f"prediction {tuple(prediction.shape)} and labels {tuple(target.shape)} differ in "
+                               "shape: upsample the logits to the mask size first")
+        valid = target != self.ignore_index
+        labels, predicted = target[valid].long().cpu(), prediction[valid].long().cpu()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:5].tolist()
+            raise VitslimError(f"labels {bad} are outside 0..{self.num_classes - 1} (ignore index "
+                               f"{self.ignore_index}): check num_classes and the dataset's label mapping")
+        self.counts += torch.bincount(labels * self.num_classes + predicted,
+                                      minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
+
+    def compute(self) -> dict[str, Any]:
+        """``miou``, ``pixel_accuracy``, ``iou`` (per class, None where undefined) and ``pixels``."""
+        counts = self.counts.double()
+        hits = counts.diag()
+        union = counts.sum(0) + counts.sum(1) - hits
+        iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, float("nan")))
+        total = counts.sum()
+        defined = ~iou.isnan()
+        return {"miou": float(iou[defined].mean()) if bool(defined.any()) else float("nan"),
+                "pixel_accuracy": float(hits.sum() / total) if total > 0 else float("nan"),
+                "iou": [None if v != v else float(v) for v in iou.tolist()], "pixels": int(total)}
