@@ -126,3 +126,107 @@ def test_confusion_matrix_rejects_bad_labels_and_shapes():
         cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[[0, 5], [1, 255]]]))
     with pytest.raises(VitslimError, match="differ in shape: upsample the logits"):
         cm.update(torch.zeros(1, 3, 4, 4), torch.zeros(1, 8, 8, dtype=torch.long))
+
+
+# --- segmentation data -----------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vitslim.dense.data import IGNORE, PairedTransform, SegmentationFolder  # noqa: E402
+
+
+def _write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def _image(h=6, w=8):
+    return np.random.default_rng(0).integers(0, 255, (h, w, 3))
+
+
+def _mask(values, h=6, w=8):
+    return np.resize(np.asarray(values), (h, w))
+
+
+@pytest.mark.parametrize("layout", ["camvid", "ade20k", "voc", "cityscapes"])
+def test_each_layout_reads_its_pairs_and_maps_labels_with_one_ignore_value(tmp_path, layout):
+    if layout == "camvid":
+        root = tmp_path / "camvid"
+        _write(root / "val/images/a.jpg", _image())
+        _write(root / "val/masks/a.png", _mask([0, 3, 10, 11]))  # 11 = void
+        split, want, classes = "val", [0, 3, 10, IGNORE], 11
+    elif layout == "ade20k":
+        root = tmp_path / "ADEChallengeData2016"
+        _write(root / "images/validation/ADE_val_1.jpg", _image())
+        _write(root / "annotations/validation/ADE_val_1.png", _mask([0, 1, 150, 7]))  # 0 = ignore
+        split, want, classes = "val", [IGNORE, 0, 149, 6], 150
+        root = tmp_path  # the folder that holds ADEChallengeData2016 works too
+    elif layout == "voc":
+        root = tmp_path / "VOC2012"
+        _write(root / "JPEGImages/2007_1.jpg", _image())
+        _write(root / "SegmentationClass/2007_1.png", _mask([0, 20, 255, 5]))
+        (root / "ImageSets/Segmentation").mkdir(parents=True)
+        (root / "ImageSets/Segmentation/val.txt").write_text("2007_1\n")
+        split, want, classes = "val", [0, 20, IGNORE, 5], 21
+    else:
+        root = tmp_path / "cityscapes"
+        _write(root / "leftImg8bit/val/bonn/bonn_0_0_leftImg8bit.png", _image())
+        _write(root / "gtFine/val/bonn/bonn_0_0_gtFine_labelTrainIds.png", _mask([0, 18, 255, 3]))
+        split, want, classes = "val", [0, 18, IGNORE, 3], 19
+    data = SegmentationFolder(root, split)
+    image, labels = data[0]
+    assert len(data) == 1 and data.num_classes == classes and image.size == (8, 6)
+    assert labels[0, :4].tolist() == want and labels.dtype == np.int64
+
+
+def test_ignored_pixels_do_not_count_in_the_metrics(tmp_path):
+    root = tmp_path / "camvid"
+    _write(root / "test/images/a.png", _image(2, 2))
+    _write(root / "test/masks/a.png", [[0, 11], [1, 11]])
+    data = SegmentationFolder(root, "test")
+    _, labels = data[0]
+    cm = ConfusionMatrix(data.num_classes)
+    cm.update(torch.tensor([[[0, 5], [1, 7]]]), torch.from_numpy(labels)[None])
+    assert cm.compute()["pixels"] == 2 and cm.compute()["pixel_accuracy"] == 1.0
+
+
+def test_segmentation_data_errors_say_what_to_do(tmp_path):
+    with pytest.raises(VitslimError, match="no segmentation layout vitslim knows"):
+        (tmp_path / "empty" / "x").mkdir(parents=True)
+        SegmentationFolder(tmp_path / "empty")
+    root = tmp_path / "roads"
+    _write(root / "train/images/a.jpg", _image())
+    _write(root / "train/masks/a.png", _mask([0, 1]))
+    with pytest.raises(VitslimError, match="say how many classes"):
+        SegmentationFolder(root, "train")
+    with pytest.raises(VitslimError, match="no split 'val' with images/ and masks/ \\(splits here: train\\)"):
+        SegmentationFolder(root, "val", num_classes=2)
+    _write(root / "train/masks/a.png", _mask([0, 1], h=3, w=8))
+    with pytest.raises(VitslimError, match="is 8x3 but its image a.jpg is 8x6"):
+        SegmentationFolder(root, "train", num_classes=2)[0]
+    _write(root / "train/masks/a.png", _mask([0, 4]))
+    with pytest.raises(VitslimError, match=r"label values \[4\] outside the 2 classes"):
+        SegmentationFolder(root, "train", num_classes=2)[0]
+    with pytest.raises(VitslimError, match="layout must be auto or one of"):
+        SegmentationFolder(root, "train", layout="coco")
+
+
+def test_paired_transform_keeps_image_and_mask_aligned():
+    torch.manual_seed(0)
+    h, w = 12, 16
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    image[:, : w // 2, 0] = 255  # left half red, and labelled 1
+    labels = np.zeros((h, w), dtype=np.int64)
+    labels[:, : w // 2] = 1
+    train = PairedTransform((8, 8), train=True, mean=(0, 0, 0), std=(1, 1, 1), scale=(0.5, 2.0))
+    for _ in range(20):
+        x, y = train(Image.fromarray(image), labels)
+        assert x.shape == (3, 8, 8) and y.shape == (8, 8)
+        valid = y != IGNORE
+        clear = valid & ((x[0] > 0.9) | (x[0] < 0.1))  # pixels not blended by the resize
+        assert clear.sum() >= valid.sum() - 8  # at most one blended column
+        assert torch.equal((x[0] > 0.5)[clear], y[clear] == 1)  # every kept pixel keeps its label
+        assert (x[:, ~valid] == 0).all()  # padding: image at the mean, mask ignored
+    x, y = PairedTransform((6, 10), train=False, mean=(0.5,) * 3, std=(0.5,) * 3)(Image.fromarray(image), labels)
+    assert x.shape == (3, 6, 10) and torch.equal(y, torch.from_numpy(labels))  # the mask keeps its resolution
