@@ -230,3 +230,64 @@ def test_paired_transform_keeps_image_and_mask_aligned():
         assert (x[:, ~valid] == 0).all()  # padding: image at the mean, mask ignored
     x, y = PairedTransform((6, 10), train=False, mean=(0.5,) * 3, std=(0.5,) * 3)(Image.fromarray(image), labels)
     assert x.shape == (3, 6, 10) and torch.equal(y, torch.from_numpy(labels))  # the mask keeps its resolution
+
+
+# --- heads and evaluation --------------------------------------------------------------------------
+
+from vitslim.dense import LinearHead, MaskTransformer, SegmentationModel, build_head, evaluate_segmentation  # noqa: E402
+
+
+def test_linear_head_is_one_linear_map_per_patch():
+    head = LinearHead(8, 3)
+    fmap = torch.randn(2, 8, 4, 5)
+    want = torch.einsum("bchw,kc->bkhw", fmap, head.classifier.weight) + head.classifier.bias[None, :, None, None]
+    torch.testing.assert_close(head(fmap), want)
+
+
+def test_mask_transformer_decodes_classes_with_patches_and_follows_a_class_permutation():
+    torch.manual_seed(0)
+    head = MaskTransformer(16, 5, depth=2, width=32, num_heads=2).eval()
+    fmap = torch.randn(2, 16, 3, 4)
+    out = head(fmap)
+    assert out.shape == (2, 5, 3, 4) and len(head.blocks) == 2
+    # the classes are decoded jointly: each class's mask depends on the patches, and a class
+    # embedding moved to another slot moves its mask (up to the LayerNorm over classes, a per-pixel
+    # affine map whose weight and bias are shared across classes at init)
+    perm = torch.tensor([2, 0, 1, 4, 3])
+    with torch.no_grad():
+        head.class_embed.copy_(head.class_embed[:, perm])
+    torch.testing.assert_close(head(fmap), out[:, perm], rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert head.class_embed.grad is not None and head.proj_in.weight.grad.abs().sum() > 0
+
+
+def test_segmentation_model_upsamples_to_the_image_and_equals_dense_at_zero_reduction():
+    torch.manual_seed(0)
+    dense = tiny_vit(dynamic_img_size=True).eval()
+    head = build_head("linear", 64, 4)
+    images = torch.randn(2, 3, 24, 40)
+    plain = SegmentationModel(dense, head).eval()
+    patched = SegmentationModel(vitslim.patch(copy.deepcopy(dense), "tome", r=0), head).eval()
+    with torch.no_grad():
+        out = plain(images)
+        torch.testing.assert_close(patched(images), out, rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 4, 24, 40)
+    with pytest.raises(VitslimError, match="head must be one of linear, mask"):
+        build_head("fpn", 64, 4)
+
+
+def test_evaluate_segmentation_scores_at_the_masks_resolution():
+    class Oracle(torch.nn.Module):
+        """Logits at half the mask size whose upsampled argmax is the left/right split of the masks."""
+
+        def forward(self, images):
+            logits = torch.zeros(images.shape[0], 2, 4, 4)
+            logits[:, 0, :, :2] = logits[:, 1, :, 2:] = 1.0
+            return logits
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.long)
+    masks[:, :, 4:] = 1
+    masks[0, 0, 0] = IGNORE
+    loader = [(torch.zeros(2, 3, 16, 16), masks[:2]), (torch.zeros(1, 3, 16, 16), masks[2:])]
+    result = evaluate_segmentation(Oracle(), loader, 2)
+    assert result["miou"] == 1.0 and result["pixels"] == 3 * 64 - 1

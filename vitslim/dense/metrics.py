@@ -6,18 +6,21 @@ predictions of the split has no IoU (NaN) and is left out of the mean.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from vitslim.dense.data import IGNORE
 from vitslim.errors import VitslimError
 
 
 class ConfusionMatrix:
     """Counts (label, prediction) pairs over the valid pixels; ``compute`` gives the metrics."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE):
         if num_classes < 1:
             raise VitslimError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -50,3 +53,21 @@ class ConfusionMatrix:
         return {"miou": float(iou[defined].mean()) if bool(defined.any()) else float("nan"),
                 "pixel_accuracy": float(hits.sum() / total) if total > 0 else float("nan"),
                 "iou": [None if v != v else float(v) for v in iou.tolist()], "pixels": int(total)}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader: Iterable, num_classes: int, *, ignore_index: int = IGNORE,
+                          device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of ``model`` (images -> logits) over ``loader``'s (images, masks).
+
+    Logits whose size differs from the masks' (the model ran at a fixed input size) are upsampled
+    bilinearly to the mask, so the metrics are at the labels' own resolution.
+    """
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index)
+    for images, masks in tqdm(loader, desc="segmentation eval", disable=not progress, leave=False):
+        logits = model(images.to(device))
+        if logits.shape[-2:] != masks.shape[-2:]:
+            logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update(logits.argmax(1).cpu(), masks)
+    return matrix.compute()
