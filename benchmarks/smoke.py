@@ -58,6 +58,24 @@ def data(spec: str) -> str:
     return spec if root is not None and (root / spec).is_dir() else "digits"
 
 
+def segmentation_folder() -> Path:
+    """A tiny CamVid-style folder (train/test, 4 images of 32x32 each, labels 0-10 and void 11) in the smoke folder."""
+    import numpy as np
+    from PIL import Image
+
+    root = work_dir() / "camvid"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            labels = np.repeat(rng.integers(0, 12, (4, 4)), 8, axis=0).repeat(8, axis=1).astype(np.uint8)
+            image = (labels[..., None] * 20 + rng.integers(0, 20, (32, 32, 3))).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(labels).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
 def write_tiny_model(folder: str | Path) -> Path:
     """A random-init tiny ViT as a timm model folder (config.json + model.safetensors)."""
     import vitslim  # noqa: F401  (before timm)

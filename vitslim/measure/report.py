@@ -18,6 +18,8 @@ COLUMNS = [  # (key, header, format)
     ("measured_over_ideal", "measured/ideal", "{:.3f}"),
     ("top1", "top-1 %", "{:.2%}"),
     ("top1_delta", "delta top-1", "{:+.2%}"),
+    ("miou", "mIoU %", "{:.2%}"),
+    ("miou_delta", "delta mIoU", "{:+.2%}"),
 ]
 
 
