@@ -17,6 +17,7 @@ the tiny ViT on a few synthetic road-like images, one epoch, results in the smok
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -28,20 +29,20 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from vitslim.data import data_config
+from vitslim.data import data_config, data_root
 from vitslim.dense import LinearHead, PairedTransform, SegmentationFolder, SegmentationModel, features
 from vitslim.dense.metrics import evaluate_segmentation
 from vitslim.measure.compare import build_configs, count_row_macs, protocol, time_rows
 from vitslim.measure.macs import count_macs
 from vitslim.measure.report import format_table, save_report
 
-SHARED = Path(__import__("os").environ.get("VITSLIM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("VITSLIM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models/dinov2-vits14-imgfocus"))
-    parser.add_argument("--data", default=str(SHARED / "data/camvid"))
+    parser.add_argument("--data", default=str((data_root() or SHARED / "data") / "camvid"))
     parser.add_argument("--size", default="364,476", help="input H,W (multiples of the patch size)")
     parser.add_argument("--methods", default="tome,atme,evit,topk")
     parser.add_argument("--budgets", default="0.5,0.7")
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loader(data: SegmentationFolder, batch_size: int, limit: int | None):
-    if limit:
-        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+def _subset(data: SegmentationFolder, limit: int | None) -> torch.utils.data.Dataset:
+    return torch.utils.data.Subset(data, range(min(limit, len(data)))) if limit else data
+
+
+def _loader(data: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
@@ -90,34 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     threads, runs, epochs, limit = args.threads, args.runs, args.epochs, args.limit
     if smoke.ENABLED:  # the same code on tiny inputs: see smoke.py
         backbone = timm.create_model(smoke.TINY_ARCHITECTURE, **smoke.TINY_VIT).eval()
-        size, data_root = tuple(smoke.TINY_VIT["img_size"] for _ in range(2)), smoke.segmentation_folder()
+        size, data_folder = tuple(smoke.TINY_VIT["img_size"] for _ in range(2)), smoke.segmentation_folder()
         budgets, threads, runs, epochs = budgets[:1], smoke.THREADS, smoke.RUNS, 1
     else:
         backbone = timm.create_model(f"local-dir:{args.model}", pretrained=True, img_size=size).eval()
-        data_root = args.data
+        data_folder = args.data
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = data_config(backbone)
     transform = PairedTransform(size, train=False, mean=cfg["mean"], std=cfg["std"])
-    train = SegmentationFolder(data_root, "train", transform=transform)
-    test = SegmentationFolder(data_root, "test", transform=transform)
+    train = SegmentationFolder(data_folder, "train", transform=transform)
+    test = SegmentationFolder(data_folder, "test", transform=transform)
+    num_classes, train, test = train.num_classes, _subset(train, limit), _subset(test, limit)
     start = time.perf_counter()
-    head = train_probe(backbone, _loader(train, args.batch_size, limit), train.num_classes, epochs, args.lr)
+    head = train_probe(backbone, _loader(train, args.batch_size), num_classes, epochs, args.lr)
     probe_s = time.perf_counter() - start
     dense, configs, rows = build_configs(backbone, methods, budgets, {}, progress=False)
     count_row_macs(rows, configs.values(), count_macs(dense))
     speeds = time_rows(rows, configs, batch_size=1, runs=runs, warmup=1, threads=threads, precision="fp32",
                        allocator="tuned", progress=False)
-    test_loader = _loader(test, args.batch_size, limit)
+    test_loader = _loader(test, args.batch_size)
     for row, model in zip(rows, configs.values()):
-        scores = evaluate_segmentation(SegmentationModel(model, head), test_loader, test.num_classes)
+        scores = evaluate_segmentation(SegmentationModel(model, head), test_loader, num_classes)
         row.update(miou=scores["miou"], pixel_accuracy=scores["pixel_accuracy"], iou=scores["iou"])
     for row in rows:
         row["miou_delta"] = row["miou"] - rows[0]["miou"]
     result = {"protocol": {
         "model": f"{smoke.TINY_ARCHITECTURE} (smoke mode)" if smoke.ENABLED else args.model,
-        "data": str(data_root), "input": f"{size[0]}x{size[1]}", "train_images": len(train) if not limit else limit,
-        "test_images": len(test) if not limit else limit, "probe": f"LinearHead on dense features, {epochs} epochs, "
+        "data": str(data_folder), "input": f"{size[0]}x{size[1]}", "train_images": len(train),
+        "test_images": len(test), "probe": f"LinearHead on dense features, {epochs} epochs, "
         f"AdamW lr {args.lr}, batch {args.batch_size}, {probe_s:.0f} s", "restore": "dropped",
         **protocol(dense, speeds["dense"], batch_size=1, runs=runs, warmup=1, precision="fp32")}, "rows": rows}
     out = smoke.results_dir(args.out)

@@ -106,14 +106,14 @@ def count_row_macs(rows: list[dict[str, Any]], models: Iterable[nn.Module], dens
             row["budget"] = round(row["macs_ratio"], 3)
 
 
-def time_rows(rows: list[dict[str, Any]], configs: Mapping[str, nn.Module], **timing: Any) -> dict[str, dict]:
+def time_rows(rows: list[dict[str, Any]], configs: Mapping[str, nn.Module], *, batch_size: int,
+              **timing: Any) -> dict[str, dict]:
     """Time every model beside its ideal; fill img/s, p90, speed-up, ideal speed-up and measured/ideal."""
     timed: dict[str, nn.Module] = {}
     for name, m in configs.items():  # each model next to its ideal: paired rounds cancel drift
         timed[name] = m
         if name != "dense":
             timed[name + ":ideal"] = ideal_model(m)
-    batch_size = timing.pop("batch_size")
     speeds = compare_speed(timed, batch_size, **timing)
     dense = speeds["dense"]
     for row, name in zip(rows, configs):
