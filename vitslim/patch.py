@@ -69,6 +69,7 @@ def check_input(model: nn.Module, images: Tensor) -> None:
 
 def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: bool = False) -> TokenState:
     """One timm Block on a TokenState, with the reducer's hooks and the kernel it (or the state) asks for."""
+    state.block_source = None
     if reducer is not None:
         state = reducer.before_block(state)
     bias = state.attn_bias()

@@ -15,6 +15,10 @@ Conventions (all methods rely on them):
 - ``aux``: what methods ask of the training loss (``AuxLoss``, ``TokenTarget`` below).
 - ``dropped``: with ``source`` traced, what each patch's token was when pruning or fusing took it
   away (``Dropped``), so a dense output can restore the patch (``vitslim.dense.features``).
+- ``block_source``: with ``source`` traced, the source map of the tokens the last block computed
+  on when a reducer grouped them only inside that block (Prune-and-Merge merges before a block and
+  reconstructs after it, so ``source`` stays the identity); ``None``: the block computed on
+  ``source``. Reset before every block; ``computed_source`` gives whichever applies.
 Merges are index-adds of weighted differences onto the destination rows, or scatter-sums then a
 divide (never scatter-mean), so they export to ONNX.
 """
@@ -73,6 +77,11 @@ class TokenState:
     scratch: dict[str, Any] = field(default_factory=dict)  # a reducer's values between its hooks in one block
     trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
     dropped: Dropped | None = None  # traced states: patches whose token was pruned or fused away
+    block_source: Tensor | None = None  # traced states: grouping used inside the last block only
+
+    def computed_source(self) -> Tensor | None:
+        """The source map of the tokens the last block computed on (``block_source``, else ``source``)."""
+        return self.block_source if self.block_source is not None else self.source
 
     @property
     def num_patches0(self) -> int:

@@ -326,7 +326,17 @@ class PruneMergeBlock(Reducer):
             state.x.index_add_(1, self.pruned_index, bypass)
         state.size = None
         state.grid = state.scratch.pop("pm_grid")
+        if state.source is not None:
+            state.block_source = self.groups().expand(state.x.shape[0], -1)
         return state
+
+    def groups(self) -> Tensor:
+        """(n,) the merged token each patch mostly feeds (its largest |M| entry; the plan's group before
+        training), -1 for pruned patches: the grouping this block computes on."""
+        with torch.no_grad():
+            offset = self.merge.shape[1] - self.score.numel()
+            group = self.merge[:, offset:].abs().argmax(0)
+            return group.index_fill(0, self.pruned_index - offset, -1)
 
 
 # ---------------------------------------------------------------------------------------------
