@@ -141,7 +141,9 @@ def test_token_state_keeps_no_single_method_field():
 
     assert {f.name for f in dataclasses.fields(TokenState)} == {
         "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace",
-        "dropped"}  # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike
+        "dropped", "block_source"}
+    # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike; block_source: reset by the
+    # core before every block, set by any reducer that merges and restores within one block (Prune-and-Merge)
 
 
 def test_every_hook_is_a_documented_method_with_a_default():

@@ -296,3 +296,70 @@ def test_bad_options_say_what_to_do():
     model = vitslim.patch(_model(), "prune_merge", scores=_scores())
     with pytest.raises(vitslim.VitslimError, match="takes 32x32 images"):
         model(torch.randn(1, 3, 16, 16))
+
+
+# --- the segmentation span variant (PM-Segmenter) ------------------------------------------------------
+
+
+def test_span_variant_with_the_identity_merge_equals_the_dense_model():
+    base = _model().eval()
+    model = vitslim.patch(_model().eval(), "prune_merge", span="1:2", scores=_scores(), keep_rate=1.0)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
+
+
+def test_span_variant_merges_once_keeps_the_tokens_through_the_span_and_restores_the_grid():
+    from vitslim.dense import features
+
+    model = vitslim.patch(_model().eval(), "prune_merge", span="1:2", scores=_scores(), keep_rate=0.25)
+    options = model.vitslim_config["options"]
+    assert options["span"] == "1:2" and options["prune_rate"] == 0.0 and options["tokens"] == [16]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        state = model.forward_tokens(images, trace=True)
+        seen = {}
+        model.forward_tokens(images, trace_source=True,
+                             on_block=lambda i, s: seen.__setitem__(i, s.computed_source().clone()))
+        fmap = features(model, images)
+    assert state.trace == [(65, 65), (17, 17), (17, 17), (65, 65)]  # block 1 in, block 2 out: 16 + CLS
+    assert len(seen[1].unique()) == 16 and (seen[1] >= 1).all()  # every patch lives in one of the 16 tokens
+    assert torch.equal(seen[3][0], torch.arange(64) + 1)  # identity again after the reconstruct
+    assert fmap.shape == (2, 64, 8, 8)
+    assert PruneMerge.level_macs(_model(), dict(span="1:2", scores=_scores(), keep_rate=0.25),
+                                 count_macs(_model())) == count_macs(model)
+
+
+def test_span_scores_are_the_normalised_blocks_averaged_over_the_span():
+    scores = _scores()
+    scores[3] *= 1000  # outside the span: must not matter
+    model = vitslim.patch(_model(), "prune_merge", span="0:2", scores=scores, keep_rate=0.25)
+    chosen = scores[:3] / scores[:3].norm(dim=1, keepdim=True)
+    want = sorted(chosen.mean(0).argsort(descending=True)[:16].tolist())
+    assert model.vitslim_reducers["0"].merge.shape == (17, 65)
+    centres = [int(i) for i in (model.vitslim_reducers["0"].merge[1:, 1:] == 1).float().argmax(1)]
+    assert centres == want
+
+
+def test_span_variant_with_macs_and_a_checkpoint_round_trip():
+    from vitslim.train.checkpoint import model_state, restore_model
+
+    model = vitslim.patch(_model(), "prune_merge", span="1:3", scores=_scores(), macs=0.8)
+    assert abs(count_macs(model) / count_macs(_model()) - 0.8) < 0.05
+    with torch.no_grad():
+        model.vitslim_reducers["1"].merge.add_(0.01 * torch.randn_like(model.vitslim_reducers["1"].merge))
+    rebuilt = restore_model(model_state(model), _model())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(images), model.eval()(images))
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(span="1:2", prune_rate=0.1), "prune_rate must be 0"),
+    (dict(span="3:1"), "0 <= a <= b < 4"),
+    (dict(span="one:two"), "span must look like"),
+    (dict(span="1:2", blocks=[0, 1]), "span= or blocks="),
+])
+def test_span_variant_errors_say_what_to_do(options, message):
+    with pytest.raises(vitslim.VitslimError, match=message):
+        vitslim.patch(_model(), "prune_merge", scores=_scores(), keep_rate=0.5, **options)

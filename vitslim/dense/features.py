@@ -29,13 +29,20 @@ def features(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = No
     too unless ``norm=False``. Works on a patched model (every method) and on a plain timm ViT, at
     any input size the model takes (non-square with ``dynamic_img_size=True``).
     """
+    return features_and_state(model, images, blocks, restore=restore, norm=norm)[0]
+
+
+def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = None, *,
+                       restore: str = "dropped", norm: bool = True
+                       ) -> tuple[Tensor | list[Tensor], TokenState | None]:
+    """``features`` and the final ``TokenState`` (its ``aux`` feeds training; None for an unpatched model)."""
     check_supported(model)
     check_input(model, images)
     if restore not in RESTORES:
         raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
     picked = _blocks(blocks, len(model.blocks))
     if not is_patched(model):
-        return _dense_features(model, images, picked, norm)
+        return _dense_features(model, images, picked, norm), None
     post = model.norm if norm else nn.Identity()
     maps: dict[int, Tensor] = {}
 
@@ -45,8 +52,8 @@ def features(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = No
 
     state = model.forward_tokens(images, trace_source=True, on_block=tap)
     if picked is None:
-        return _grid(state, state.x, restore, model.norm)
-    return [maps[i] for i in picked]
+        return _grid(state, state.x, restore, model.norm), state
+    return [maps[i] for i in picked], state
 
 
 def _blocks(blocks: Sequence[int] | None, depth: int) -> list[int] | None:

@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from vitslim.dense.features import features
+from vitslim.dense.features import features_and_state
 from vitslim.errors import VitslimError
 
 
@@ -26,10 +26,14 @@ class LinearHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self._spec = num_classes, dict(kind="linear", dim=dim, num_classes=num_classes)
         self.classifier = nn.Linear(dim, num_classes)
         trunc_normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
+
+    def spec(self) -> dict:
+        """``build_head`` arguments that rebuild this head (stored in checkpoints)."""
+        return dict(self._spec)
 
     def forward(self, fmap: Tensor) -> Tensor:
         """Logits on the patch grid."""
@@ -45,6 +49,8 @@ class MaskTransformer(nn.Module):
         width = width or dim
         num_heads = num_heads or max(1, width // 64)
         self.num_classes = num_classes
+        self._spec = dict(kind="mask", dim=dim, num_classes=num_classes, depth=depth, width=width,
+                          num_heads=num_heads, drop_path=drop_path)
         self.proj_in = nn.Linear(dim, width)
         self.class_embed = nn.Parameter(torch.zeros(1, num_classes, width))
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=drop_path)
@@ -55,6 +61,10 @@ class MaskTransformer(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.class_embed, std=0.02)
         self.apply(_init_linear)
+
+    def spec(self) -> dict:
+        """``build_head`` arguments that rebuild this head (stored in checkpoints)."""
+        return dict(self._spec)
 
     def forward(self, fmap: Tensor) -> Tensor:
         """(B, C, H, W) features -> (B, K, H, W) mask logits."""
@@ -86,11 +96,25 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.backbone, self.head, self.restore = backbone, head, restore
 
+    @property
+    def num_classes(self) -> int:
+        """The head's class count."""
+        return self.head.num_classes
+
     def forward(self, images: Tensor) -> Tensor:
         """Full-grid features, the head, then bilinear upsampling to the image size."""
-        fmap = features(self.backbone, images, restore=self.restore)
-        logits = self.head(fmap)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.forward_parts(images)[0]
+
+    def forward_parts(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
+        """(logits at the image size, full-grid features, the method's aux list) for training."""
+        fmap, state = features_and_state(self.backbone, images, restore=self.restore)
+        logits = F.interpolate(self.head(fmap), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, fmap, state.aux if state is not None else []
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's no-decay names (position embedding, tokens) and the head's class embeddings."""
+        names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
+        return names | {f"head.{n}" for n, _ in self.head.named_parameters() if n == "class_embed"}
 
 
 def build_head(kind: str, dim: int, num_classes: int, **kwargs) -> nn.Module:

@@ -56,18 +56,29 @@ class ConfusionMatrix:
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, loader: Iterable, num_classes: int, *, ignore_index: int = IGNORE,
-                          device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
-    """mIoU, pixel accuracy and per-class IoU of ``model`` (images -> logits) over ``loader``'s (images, masks).
+def confusion(model: nn.Module, loader: Iterable, num_classes: int, *, ignore_index: int = IGNORE,
+              device: str | torch.device = "cpu", progress: bool = False) -> ConfusionMatrix:
+    """The confusion matrix of ``model`` (images -> logits) over ``loader``'s (images, masks).
 
     Logits whose size differs from the masks' (the model ran at a fixed input size) are upsampled
     bilinearly to the mask, so the metrics are at the labels' own resolution.
     """
+    was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index)
-    for images, masks in tqdm(loader, desc="segmentation eval", disable=not progress, leave=False):
-        logits = model(images.to(device))
-        if logits.shape[-2:] != masks.shape[-2:]:
-            logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        matrix.update(logits.argmax(1).cpu(), masks)
-    return matrix.compute()
+    try:
+        for images, masks in tqdm(loader, desc="segmentation eval", disable=not progress, leave=False):
+            logits = model(images.to(device))
+            if logits.shape[-2:] != masks.shape[-2:]:
+                logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            matrix.update(logits.argmax(1).cpu(), masks)
+    finally:
+        model.train(was_training)
+    return matrix
+
+
+def evaluate_segmentation(model: nn.Module, loader: Iterable, num_classes: int, *, ignore_index: int = IGNORE,
+                          device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of ``model`` over ``loader`` (``confusion(...).compute()``)."""
+    return confusion(model, loader, num_classes, ignore_index=ignore_index, device=device,
+                     progress=progress).compute()

@@ -36,6 +36,12 @@ Our decisions where the paper or code is unclear (docs/methods/prune_merge.md):
   same learning rate as the backbone (the official code leaves them at 1e-6; ``lr_groups`` in the
   training config reproduces that).
 - MACs include the M and R matmuls (2 m N C per block), which the official counts leave out.
+
+**Segmentation span variant** (PM-Segmenter, ``span="a:b"``): merge once before block a (one M),
+keep the m merged tokens through blocks a..b, reconstruct after block b (one R); no pruning
+(prune_rate defaults to 0 and must stay 0), and the plan comes from the blocks' scores averaged
+over a..b (each block's scores L2-normalised first, so no block dominates). With M = I it equals
+the dense model; ``macs=`` searches keep_rate as for the per-block form.
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ from vitslim.io import atomic_write
 from vitslim.patch import check_supported
 from vitslim.methods.base import (Method, MethodOptions, ParamOptions, Reducer, calibration_batches, check_locations,
                                   check_rate, register)
-from vitslim.tokens import TokenState
+from vitslim.tokens import TokenState, init_source
 
 RATE_STEP = LEVEL_STEP  # keep_rate steps of the macs= search: about one token per block at 196 patches
 OFFICIAL_ITERS = 250  # the official scoring pass: prune_iter batches of 256
@@ -266,6 +272,15 @@ def pinv(merge: Tensor) -> Tensor:
     return merge.T * torch.where(sigma > cutoff, 1.0 / norm2, torch.zeros_like(norm2))
 
 
+def merge_groups(merge: Tensor, num_prefix: int) -> Tensor:
+    """(n,) for each patch the row of M (a token index) that it feeds most (its largest |M| entry; the
+    plan's group before training), -1 where its column is zero: patches sharing a token share the value."""
+    with torch.no_grad():
+        columns = merge[:, num_prefix:].abs()
+        best, row = columns.max(0)
+        return torch.where(best > 0, row, torch.full_like(row, -1))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. the block
 
@@ -331,12 +346,58 @@ class PruneMergeBlock(Reducer):
         return state
 
     def groups(self) -> Tensor:
-        """(n,) the merged token each patch mostly feeds (its largest |M| entry; the plan's group before
-        training), -1 for pruned patches: the grouping this block computes on."""
-        with torch.no_grad():
-            offset = self.merge.shape[1] - self.score.numel()
-            group = self.merge[:, offset:].abs().argmax(0)
-            return group.index_fill(0, self.pruned_index - offset, -1)
+        """(n,) the merged token each patch feeds (``merge_groups``), -1 for pruned patches."""
+        offset = self.merge.shape[1] - self.score.numel()
+        return merge_groups(self.merge, offset).index_fill(0, self.pruned_index - offset, -1)
+
+
+class SpanMerge(Reducer):
+    """The span variant's first block: z = M x before it; the next blocks run on the m merged tokens."""
+
+    def __init__(self, merge: Tensor, decay_mr: bool):
+        super().__init__()
+        self.merge = nn.Parameter(merge.float())
+        self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
+        self.decay_mr = decay_mr
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """M: no weight decay unless ``decay_mr``."""
+        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
+
+    def before_block(self, state: TokenState) -> TokenState:
+        """Merge the full token grid into the span's m tokens."""
+        x = state.x
+        if x.shape[1] != self.merge.shape[1]:
+            raise VitslimError(f"this prune_merge plan is for {self.merge.shape[1]} tokens, the input has "
+                               f"{x.shape[1]}: run the model at the image size it was patched for")
+        state.x = torch.matmul(self.merge.to(x.dtype), x).to(x.dtype)
+        state.size = self.group_size.expand(x.shape[0], -1) if state.prop_attn else None
+        state.grid = None
+        if state.source is not None:
+            state.source = merge_groups(self.merge, state.num_prefix).expand(x.shape[0], -1)
+        return state
+
+
+class SpanReconstruct(Reducer):
+    """The span variant's last block: out = R z after it, the full token grid again."""
+
+    def __init__(self, reconstruct: Tensor, decay_mr: bool):
+        super().__init__()
+        self.reconstruct = nn.Parameter(reconstruct.float())
+        self.decay_mr = decay_mr
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """R: no weight decay unless ``decay_mr``."""
+        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
+
+    def after_block(self, state: TokenState) -> TokenState:
+        """Expand the m tokens back to every patch."""
+        x = state.x
+        state.x = torch.matmul(self.reconstruct.to(x.dtype), x).to(x.dtype)
+        state.size, state.grid = None, state.grid0
+        if state.source is not None:
+            state.source = init_source(x.shape[0], state.grid0, state.num_prefix, x.device)
+        return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +411,9 @@ class PruneMergeOptions(MethodOptions):
     keep_rate: float = dataclasses.field(default=0.6, metadata={
         "help": "fraction of each block's patches (on average over blocks) kept as merge centres",
         "source": "Prune-and-Merge (Mao et al., TMM 2025), released DeiT-S setting"})
-    prune_rate: float = dataclasses.field(default=0.1, metadata={
-        "help": "fraction of patches (on average over blocks) that skip a block",
-        "source": "Prune-and-Merge, released DeiT-S setting"})
+    prune_rate: float | None = dataclasses.field(default=None, metadata={
+        "help": "fraction of patches (on average over blocks) that skip a block (default 0.1; 0 with span)",
+        "source": "Prune-and-Merge, released DeiT-S setting; PM-Segmenter for span"})
     scores: Any = dataclasses.field(default=None, repr=False, metadata={
         "internal": True, "help": "calibration scores (blocks x patches), or a file from `vitslim calibrate`"})
     tokens: Any = dataclasses.field(default=None, metadata={
@@ -367,14 +428,24 @@ class PruneMergeOptions(MethodOptions):
         "help": "weight decay on the merge/reconstruct matrices", "source": "ours (the official code decays them)"})
     pruned: Any = dataclasses.field(default=None, metadata={
         "help": "pruned patches per block of a saved plan (with tokens)"})
+    span: Any = dataclasses.field(default=None, metadata={
+        "help": "'a:b': merge once before block a and reconstruct after block b (segmentation variant)",
+        "source": "PM-Segmenter (wafev/PM-Segmenter): merge_list [2], recover_list [10]"})
     plans: Any = dataclasses.field(default=None, repr=False, compare=False, metadata={"internal": True})
 
     def resolved(self, model: nn.Module) -> "PruneMergeOptions":
         """Validated rates and the per-block plans (from the scores, or the regular shape of a saved plan)."""
         depth, n = len(model.blocks), model.patch_embed.num_patches
+        span = parse_span(self.span, depth)
+        if span is not None and self.blocks is not None and list(self.blocks) != [span[0]]:
+            raise VitslimError("give prune_merge either span= or blocks=, not both")
         blocks = list(range(depth)) if self.blocks is None else check_locations(self.blocks, depth)
+        if span is not None:
+            blocks = [span[0]]  # the span's one plan sits at its first block
         keep_rate = check_rate("keep_rate", self.keep_rate)
-        prune_rate = float(self.prune_rate)
+        prune_rate = default_prune_rate(self.prune_rate, span)
+        if span is not None and prune_rate != 0.0:
+            raise VitslimError(f"the span variant merges without pruning: prune_rate must be 0, got {prune_rate}")
         if not 0.0 <= prune_rate < 1.0 or keep_rate + prune_rate > 1.0 + 1e-9:
             raise VitslimError(f"prune_rate={prune_rate} with keep_rate={keep_rate}: need 0 <= prune_rate < 1 and "
                                "keep_rate + prune_rate <= 1 (centres and pruned tokens are disjoint)")
@@ -389,12 +460,15 @@ class PruneMergeOptions(MethodOptions):
             scores = calibrate(model)
         if scores is not None:
             scores = torch.as_tensor(scores).float().cpu()
-            if scores.shape == (depth, n) and len(blocks) < depth:
+            if span is not None and tuple(scores.shape) == (depth, n):  # the span's blocks, normalised, averaged
+                chosen = scores[span[0]:span[1] + 1].abs()
+                scores = (chosen / chosen.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(0, keepdim=True)
+            elif scores.shape == (depth, n) and len(blocks) < depth:
                 scores = scores[blocks]
             if tuple(scores.shape) != (len(blocks), n):
                 raise VitslimError(f"scores have shape {tuple(scores.shape)}; this model needs ({len(blocks)}, {n}) "
                                    "(blocks x patches): calibrate this model at its input size")
-            plans = global_plan(scores, keep_rate, prune_rate, blocks, depth_discount)
+            plans = global_plan(scores, keep_rate, prune_rate, blocks, 0.0 if span else depth_discount)
         else:
             tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(blocks)
             if len(tokens) != len(blocks) or not all(1 <= int(t) <= n for t in tokens):
@@ -406,7 +480,28 @@ class PruneMergeOptions(MethodOptions):
         return PruneMergeOptions(keep_rate=keep_rate, prune_rate=prune_rate, blocks=blocks,
                                  depth_discount=depth_discount, row_quirk=bool(self.row_quirk),
                                  decay_mr=bool(self.decay_mr), tokens=[len(plan.centres) for plan in plans],
-                                 pruned=[int(plan.pruned.sum()) for plan in plans], plans=plans)
+                                 pruned=[int(plan.pruned.sum()) for plan in plans],
+                                 span=f"{span[0]}:{span[1]}" if span is not None else None, plans=plans)
+
+
+def parse_span(span: Any, depth: int) -> tuple[int, int] | None:
+    """``span`` ("a:b", (a, b) or None) as 0-based blocks with 0 <= a <= b < depth."""
+    if span is None:
+        return None
+    try:
+        first, last = (int(v) for v in (span.split(":") if isinstance(span, str) else span))
+    except (TypeError, ValueError):
+        raise VitslimError(f"span must look like 'a:b' (first and last block, 0-based), got {span!r}") from None
+    if not 0 <= first <= last < depth:
+        raise VitslimError(f"span {first}:{last} must satisfy 0 <= a <= b < {depth} (the model's blocks)")
+    return first, last
+
+
+def default_prune_rate(prune_rate: Any, span: Any) -> float:
+    """The given prune_rate, else 0.1 (the released setting), or 0 for the span variant."""
+    if prune_rate is None:
+        return 0.0 if span is not None else 0.1
+    return float(prune_rate)
 
 
 @register
@@ -435,6 +530,12 @@ class PruneMerge(Method):
     def reducers(self) -> dict[int, Reducer]:
         grid_width = self.model.patch_embed.grid_size[1]
         p = self.model.num_prefix_tokens
+        span = parse_span(self.config.span, len(self.model.blocks))
+        if span is not None and span[0] < span[1]:
+            plan = self.config.plans[0]
+            merge = merge_matrix(plan, grid_width, p, self.config.row_quirk)
+            return {span[0]: SpanMerge(merge, self.config.decay_mr),
+                    span[1]: SpanReconstruct(pinv(merge), self.config.decay_mr)}
         return {block: PruneMergeBlock(merge_matrix(plan, grid_width, p, self.config.row_quirk), plan.centres,
                                        plan.pruned, plan.score, self.config.decay_mr)
                 for block, plan in zip(self.config.blocks, self.config.plans)}
@@ -443,7 +544,8 @@ class PruneMerge(Method):
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:
         """Levels down to keep_rate = RATE_STEP."""
-        return max(0, round((1.0 - float(options.get("prune_rate", 0.1))) / RATE_STEP) - 1)
+        prune_rate = default_prune_rate(options.get("prune_rate"), options.get("span"))
+        return max(0, round((1.0 - prune_rate) / RATE_STEP) - 1)
 
     @classmethod
     def level_macs(cls, model: nn.Module, options: dict[str, Any], dense_macs: int) -> int | None:
@@ -457,6 +559,11 @@ class PruneMerge(Method):
         p, n = model.num_prefix_tokens, model.patch_embed.num_patches
         tokens = [(p + n, p + n)] * len(model.blocks)
         extra = 0
+        span = parse_span(method.config.span, len(model.blocks))
+        if span is not None:  # m tokens through blocks a..b, one M and one R
+            m, dim = p + len(method.config.plans[0].centres), model.blocks[span[0]].attn.qkv.in_features
+            tokens[span[0]:span[1] + 1] = [(m, m)] * (span[1] - span[0] + 1)
+            return dense_macs - analytic_macs(model) + analytic_macs(model, tokens) + 2 * m * (p + n) * dim
         for block, plan in zip(method.config.blocks, method.config.plans):
             m, dim = p + len(plan.centres), model.blocks[block].attn.qkv.in_features
             tokens[block] = (m, m)
@@ -470,5 +577,5 @@ class PruneMerge(Method):
             raise VitslimError("give prune_merge either keep_rate or macs=, not both")
         if options.get("scores") is None:
             raise VitslimError("prune_merge needs scores for macs=: pass calibration= or scores=")
-        prune_rate = float(options.get("prune_rate", 0.1))
+        prune_rate = default_prune_rate(options.get("prune_rate"), options.get("span"))
         return {**options, "keep_rate": round(1.0 - prune_rate - level * RATE_STEP, 6)}

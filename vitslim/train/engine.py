@@ -39,12 +39,14 @@ from tqdm.auto import tqdm
 
 from vitslim._version import __version__
 from vitslim.errors import VitslimError
-from vitslim.train.checkpoint import load_state_strict, model_state, read_checkpoint, save_checkpoint
+from vitslim.train.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
 from vitslim.io import atomic_write
 from vitslim.methods.base import ParamOptions, get_method
 from vitslim.patch import is_patched, unpatch
-from vitslim.train.losses import FINAL, Criterion
+from vitslim.train.losses import Criterion
+from vitslim.train.task import (StudentForward, Task, all_reduce_sum, evaluate_distributed,  # noqa: F401
+                                 teacher_outputs)
 
 LAST, BEST = "last.pt", "best.pt"
 FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
@@ -73,13 +75,6 @@ def _device(config: TrainConfig) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", distributed_env()[2])
     return torch.device("cpu")
-
-
-def _all_reduce_sum(values: Tensor) -> Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -147,52 +142,7 @@ def _loader(dataset, batch_sampler, config: TrainConfig, device: torch.device) -
     )
 
 
-def _eval_shard(dataset, rank: int, world: int):
-    return dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-
-
 # --- model pieces ----------------------------------------------------------------------------------
-
-
-class StudentForward(nn.Module):
-    """The student's training forward as one module (what DDP wraps): (logits, method aux terms)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> tuple[Tensor, list]:
-        """Logits and the aux list of the state (empty for an unpatched model)."""
-        if is_patched(self.model):
-            state = self.model.forward_tokens(images)
-            return self.model.forward_head_state(state), state.aux
-        return self.model(images), []
-
-
-def teacher_outputs(teacher: nn.Module, images: Tensor) -> Callable[[set[int]], tuple[Tensor, dict[int, Tensor]]]:
-    """A closure giving the dense teacher's logits and patch tokens of the asked blocks (one forward, cached)."""
-    cache: dict[str, Any] = {}
-
-    def run(blocks: set[int]) -> tuple[Tensor, dict[int, Tensor]]:
-        if "logits" in cache:
-            return cache["logits"], cache["tokens"]
-        p = teacher.num_prefix_tokens
-        tokens: dict[int, Tensor] = {}
-        hooks = [teacher.blocks[b].register_forward_hook(
-            lambda _m, _i, out, b=b: tokens.__setitem__(b, out[:, p:])) for b in blocks if b != FINAL]
-        try:
-            with torch.no_grad():
-                features = teacher.forward_features(images)
-                logits = teacher.forward_head(features)
-        finally:
-            for h in hooks:
-                h.remove()
-        if FINAL in blocks:
-            tokens[FINAL] = features[:, p:]
-        cache.update(logits=logits, tokens=tokens)
-        return logits, tokens
-
-    return run
 
 
 def set_drop_path(model: nn.Module, rate: float) -> None:
@@ -208,7 +158,13 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
 
 
 def _reducers(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.vitslim_reducers.items()) if is_patched(model) else {}
+    """Every reducer of the patched model(s) inside ``model``, keyed by its full module name."""
+    found = {}
+    for name, module in model.named_modules():
+        if is_patched(module):
+            owner = f"{name}." if name else ""
+            found.update({f"{owner}vitslim_reducers.{key}": r for key, r in module.vitslim_reducers.items()})
+    return found
 
 
 def set_progress(model: nn.Module, step: int, total_steps: int) -> None:
@@ -222,33 +178,38 @@ def _param_options(model: nn.Module) -> dict[str, ParamOptions]:
     found = {}
     for key, reducer in _reducers(model).items():
         for prefix, options in reducer.param_options().items():
-            found[f"vitslim_reducers.{key}.{prefix}"] = options
+            found[f"{key}.{prefix}"] = options
     return found
 
 
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D weights and tokens; lr scales for method modules and the backbone."""
+def param_groups(model: nn.Module, config: TrainConfig, backbone_prefix: str = "") -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D weights and tokens; lr scales for method modules and the backbone.
+
+    Parameters outside ``backbone_prefix`` (a segmentation head) form the "head" kind: full lr, never frozen.
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     declared = _param_options(model)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
-        if config.freeze_tokens and name in FROZEN_TOKENS:
+        in_backbone = name.startswith(backbone_prefix)
+        if config.freeze_tokens and in_backbone and name[len(backbone_prefix):] in FROZEN_TOKENS:
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
-        is_method = name.startswith("vitslim_reducers.")
+        is_method = ".vitslim_reducers." in f".{name}"  # a module a method added (under any owner)
         matches = [prefix for prefix in declared if name.startswith(prefix)]
         options = declared[max(matches, key=len)] if matches else ParamOptions()
+        kind = "method" if is_method else "backbone" if in_backbone else "head"
         scale = options.lr_scale
         if scale is None:
-            scale = config.method_lr_scale if is_method else config.backbone_lr_scale
+            scale = {"method": config.method_lr_scale, "backbone": config.backbone_lr_scale, "head": 1.0}[kind]
         decay = config.weight_decay if p.ndim > 1 and name not in skip else 0.0
         if options.weight_decay == "all":
             decay = config.weight_decay
         elif options.weight_decay == "none":
             decay = 0.0
-        key = ("method" if is_method else "backbone", float(scale), decay)
-        group = groups.setdefault(key, dict(params=[], names=[], kind=key[0], lr_scale=key[1], weight_decay=decay))
+        key = (kind, float(scale), decay)
+        group = groups.setdefault(key, dict(params=[], names=[], kind=kind, lr_scale=key[1], weight_decay=decay))
         group["params"].append(p)
         group["names"].append(name)
     if not groups:
@@ -260,10 +221,10 @@ AS_RELEASED_LR = 1e-6  # the lr Prune-and-Merge's released optimizer is built wi
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
+                    total_steps: int, backbone_prefix: str = "") -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
                                                Callable[[int], float]]:
     """AdamW over ``param_groups``, a per-step schedule (each group: its scale x the base curve), the base curve."""
-    groups = param_groups(model, config)
+    groups = param_groups(model, config, backbone_prefix)
     peak = config.peak_lr
     frozen_lr = config.lr_groups == "as_released"  # Prune-and-Merge's released code: decayed weights stay at 1e-6
     for g in groups:
@@ -294,17 +255,6 @@ def _autocast(config: TrainConfig, device: torch.device):
     if config.precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
-
-
-def _mixup(config: TrainConfig, world: int, num_classes: int):
-    if config.mixup <= 0 and config.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    if (config.batch_size // world) % 2:
-        raise VitslimError("mixup/cutmix need an even batch per process: change --batch-size")
-    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                 num_classes=num_classes)
 
 
 def lr_factor(step: int, total: int, warmup: int, peak: float, min_lr: float, warmup_lr: float) -> float:
@@ -371,14 +321,6 @@ class JsonlLog:
 # --- fit -------------------------------------------------------------------------------------------
 
 
-def _dataset(data: Any, split: str, model: nn.Module, augment: dict | None, limit: int | None = None):
-    from vitslim.data import build_dataset
-
-    if isinstance(data, str):
-        return build_dataset(data, split, model=model, augment=augment, limit=limit)
-    return data
-
-
 def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
     saved = payload.get("config", {})
     ignore = {"workers", "device", "log_every", "eval_every", "checkpoint_every"}
@@ -390,9 +332,10 @@ def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
                            f"resume with the same command line")
 
 
-def _load_weights(model: nn.Module, payload: dict[str, Any]) -> None:
+def _load_weights(model: nn.Module, payload: dict[str, Any], task: Task) -> None:
     """Resume: the checkpoint's weights into the same (already patched) model, checked first."""
-    cfg = model.vitslim_config if is_patched(model) else {}
+    backbone = task.backbone(model)
+    cfg = backbone.vitslim_config if is_patched(backbone) else {}
     saved = (payload.get("method"), payload.get("options") or {})
     if saved != (cfg.get("method"), cfg.get("options") or {}):
         raise VitslimError(f"cannot resume: the checkpoint was trained as {saved[0] or 'dense'} {saved[1]}, the model "
@@ -412,7 +355,7 @@ def fit(model: nn.Module, data: Any, *, val_data: Any = None, teacher: nn.Module
         config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None, progress: bool = True, eval_before: bool = False,
         on_step: Callable[[dict[str, Any]], None] | None = None,
-        run_record: dict[str, Any] | None = None) -> dict[str, Any]:
+        run_record: dict[str, Any] | None = None, task: Task | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` (patched or not) on ``data``; returns per-epoch history and final metrics.
 
     ``data``/``val_data`` are dataset specs for ``build_dataset`` ("cifar10", a folder, ...) or
@@ -420,15 +363,16 @@ def fit(model: nn.Module, data: Any, *, val_data: Any = None, teacher: nn.Module
     ``best.pt``), ``log.jsonl`` and ``summary.json`` (``run_record`` + config + result) go to
     ``out_dir`` (rank 0). ``resume`` continues a run exactly; "auto" resumes from
     ``out_dir/last.pt`` when it exists. ``eval_before`` also evaluates before the first step
-    (logged as epoch -1). ``on_step`` gets every logged step record. Under torchrun, every
-    process calls fit.
+    (logged as epoch -1). ``on_step`` gets every logged step record. ``task`` says what is
+    predicted, lost and measured (default ``Task()``: classification; ``SegmentationTask`` for a
+    ``SegmentationModel``). Under torchrun, every process calls fit.
     """
     config = config or TrainConfig()
     rank, world, _ = distributed_env()
     device = _device(config)
     created_group = _init_distributed(device)
     try:
-        run = _Run(model, config, rank, world, device, out_dir, progress, on_step, run_record)
+        run = _Run(model, config, rank, world, device, out_dir, progress, on_step, run_record, task or Task())
         return run.fit(data, val_data, teacher, resume_path(resume, out_dir), eval_before)
     finally:
         if created_group:
@@ -440,8 +384,10 @@ class _Run:
 
     def __init__(self, model: nn.Module, config: TrainConfig, rank: int, world: int, device: torch.device,
                  out_dir: str | os.PathLike | None, progress: bool,
-                 on_step: Callable[[dict[str, Any]], None] | None, run_record: dict[str, Any] | None):
+                 on_step: Callable[[dict[str, Any]], None] | None, run_record: dict[str, Any] | None,
+                 task: Task):
         self.model, self.config, self.rank, self.world, self.device = model, config, rank, world, device
+        self.task = task
         self.out = pathlib.Path(out_dir) if out_dir is not None else None
         self.progress, self.on_step, self.run_record = progress, on_step, run_record
         self.step = self.start_epoch = self.start_batch = 0
@@ -462,8 +408,8 @@ class _Run:
 
     def _data(self, data: Any, val_data: Any) -> None:
         config, model = self.config, self.model
-        self.train_set = SeededAugment(_dataset(data, "train", model, config.augment()), config.seed)
-        self.val_set = _dataset(val_data, "test", model, None) if val_data is not None else None
+        self.train_set = SeededAugment(self.task.dataset(data, "train", model, config), config.seed)
+        self.val_set = self.task.dataset(val_data, "test", model, None) if val_data is not None else None
         self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, self.rank, self.world, config.seed)
         self.steps_per_epoch = len(self.train_set) // config.batch_size
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -474,12 +420,13 @@ class _Run:
     def _optimisation(self, teacher: nn.Module | None) -> None:
         config, model, device = self.config, self.model, self.device
         model.to(device).train()
+        self.task.prepare(model, config)
         self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
         self.optimizer, self.scheduler, self.base_lr = build_optimizer(model, config, self.steps_per_epoch,
-                                                                       self.total_steps)
+                                                                       self.total_steps, self.task.backbone_prefix)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16" and device.type == "cuda")
         self.autocast = _autocast(config, device)
-        self.mixup = _mixup(config, self.world, model.num_classes)
+        self.mixup = self.task.mixup(config, self.world, model)
         self.criterion = Criterion(label_smoothing=config.label_smoothing, kd_weight=config.kd_weight,
                                    kd_tau=config.kd_tau, kd_mode=config.kd_mode, kd_norm=config.kd_norm,
                                    token_weight=config.token_weight, aux_weight=config.aux_weight)
@@ -487,17 +434,18 @@ class _Run:
             raise VitslimError("kd_weight > 0 needs a teacher: pass teacher= (the dense model; CLI: --teacher dense)")
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        _load_weights(self.model, payload)  # in place: the optimizer already holds these parameters
+        _load_weights(self.model, payload, self.task)  # in place: the optimizer already holds these parameters
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         self.step, self.start_epoch, self.start_batch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
-        self.best, self.history = payload.get("best_top1", -1.0), list(payload.get("history", []))
+        self.best = payload.get("best_metric", payload.get("best_top1", -1.0))
+        self.history = list(payload.get("history", []))
         rng = payload["rng"]
         _set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0], self.device)
 
     def _student(self) -> nn.Module:
-        student = StudentForward(self.model)
+        student = StudentForward(self.model, self.task)
         if self.world > 1:
             student = nn.parallel.DistributedDataParallel(
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -514,7 +462,7 @@ class _Run:
             _check_resume(payload, self.config)
         self._seed()
         if self.config.drop_path is not None:
-            set_drop_path(self.model, self.config.drop_path)
+            set_drop_path(self.task.backbone(self.model), self.config.drop_path)
         self._data(data, val_data)
         self._optimisation(teacher)
         if payload is not None:
@@ -524,7 +472,7 @@ class _Run:
         if self.rank == 0:
             self.log.write(event="resume" if payload else "start", step=self.step, total_steps=self.total_steps,
                            world=self.world, device=str(self.device), config=self.config.to_dict(),
-                           method=self.model.vitslim_config["method"] if is_patched(self.model) else None)
+                           task=self.task.name, method=self._method())
         if eval_before and self.val_set is not None and payload is None:
             self._eval_before()
         # counted in images, so the bar's rate is images/s and its ETA covers the whole run
@@ -548,11 +496,15 @@ class _Run:
         self.history.append(record)
         if self.rank == 0:
             self.log.write(**record)
-            tqdm.write(f"before training: val top-1 {record['top1']:.2%} ({record['n']} images)")
+            tqdm.write(f"before training: {self.task.describe(record)}")
+
+    def _method(self) -> str | None:
+        backbone = self.task.backbone(self.model)
+        return backbone.vitslim_config["method"] if is_patched(backbone) else None
 
     def _evaluate(self) -> dict[str, Any]:
-        return evaluate_distributed(self.model, self.val_set, self.rank, self.world, self.device,
-                                    self.progress and self.rank == 0)
+        return self.task.evaluate(self.model, self.val_set, self.rank, self.world, self.device,
+                                  self.progress and self.rank == 0)
 
     def _epoch(self, epoch: int) -> None:
         config = self.config
@@ -571,7 +523,7 @@ class _Run:
                 self._checkpoint(LAST, epoch, batch_in_epoch)
             if self.step >= self.total_steps:
                 break
-        sums = _all_reduce_sum(sums)
+        sums = all_reduce_sum(sums)
         seconds = time.perf_counter() - t_epoch
         record = dict(event="epoch", epoch=epoch, step=self.step, train_loss=round((sums[0] / sums[1]).item(), 6),
                       seconds=round(seconds, 1),
@@ -579,16 +531,17 @@ class _Run:
         last_epoch = self.step >= self.total_steps
         if self.val_set is not None and (last_epoch or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
             record.update(self._evaluate())
-            self.best = max(self.best, record["top1"])
+            self.best = max(self.best, record[self.task.metric])
         self.history.append(record)
         if self.rank == 0:
             self.log.write(**record)
-            self.bar.write(_epoch_line(record))
+            self.bar.write(_epoch_line(record, self.task))
         if batch_in_epoch >= self.steps_per_epoch:
             self._checkpoint(LAST, epoch + 1, 0)
         else:  # max_steps ended the run inside an epoch
             self._checkpoint(LAST, epoch, batch_in_epoch)
-        if "top1" in record and record["top1"] >= self.best and self.rank == 0 and self.out is not None:
+        metric = self.task.metric
+        if metric in record and record[metric] >= self.best and self.rank == 0 and self.out is not None:
             save_checkpoint(self.out / BEST, read_checkpoint(self.out / LAST))
 
     def _train_step(self, images: Tensor, targets: Tensor) -> float:
@@ -601,9 +554,9 @@ class _Run:
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with self.autocast:
-            logits, aux = self.student(images)
-            teacher_fn = teacher_outputs(self.teacher, images) if self.teacher is not None else None
-            loss, parts = self.criterion(logits, targets, aux, teacher_fn)
+            outputs, aux = self.student(images)
+            teacher_fn = self.task.teacher_outputs(self.teacher, images) if self.teacher is not None else None
+            loss, parts = self.task.loss(self.criterion, outputs, targets, aux, teacher_fn)
         value = loss.item()
         if not math.isfinite(value):
             raise VitslimError(f"the loss became {value} at step {self.step}: lower the lr, or use "
@@ -627,7 +580,7 @@ class _Run:
 
     def _log_step(self, loss: Tensor, parts: dict[str, Tensor], lr: float) -> None:
         names = sorted(parts)
-        mean = _all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
+        mean = all_reduce_sum(torch.stack([loss.detach().float().cpu()] +
                                            [parts[k].float().cpu() for k in names])) / self.world
         now = time.perf_counter()
         record = dict(event="step", step=self.step, epoch=self.sampler.epoch, loss=round(mean[0].item(), 6),
@@ -644,16 +597,19 @@ class _Run:
         if self.rank != 0 or self.out is None:
             return
         save_checkpoint(self.out / name, {
-            **model_state(self.model), "optimizer": self.optimizer.state_dict(),
+            **self.task.model_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
             "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
-            "config": self.config.to_dict(), "best_top1": self.best, "history": self.history,
+            "config": self.config.to_dict(), "best_metric": self.best, "metric": self.task.metric,
+            "task": self.task.name, "history": self.history,
             "vitslim_version": __version__, "world_size": self.world, "run_record": self.run_record or {},
         })
 
     def _result(self) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
-        result = {"history": self.history, "final": final, "best_top1": self.best if self.best >= 0 else None,
+        best = self.best if self.best >= 0 else None
+        result = {"history": self.history, "final": final, "metric": self.task.metric, "best_metric": best,
+                  **({"best_top1": best} if self.task.metric == "top1" else {}),
                   "steps": self.step, "total_steps": self.total_steps,
                   "checkpoint": str(self.out / LAST) if self.out is not None else None}
         if self.run_record is not None and self.rank == 0 and self.out is not None:
@@ -662,24 +618,11 @@ class _Run:
         return result
 
 
-def _epoch_line(record: dict[str, Any]) -> str:
+def _epoch_line(record: dict[str, Any], task: Task) -> str:
     text = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {record['train_images_per_s']:.0f} img/s"
-    if "top1" in record:
-        text += f", val top-1 {record['top1']:.2%} (top-5 {record['top5']:.2%}, {record['n']} images)"
+    if task.metric in record:
+        text += f", {task.describe(record)}"
     return text
-
-
-def evaluate_distributed(model: nn.Module, dataset, rank: int, world: int, device: torch.device,
-                         progress: bool = False, batch_size: int = 256) -> dict[str, Any]:
-    """Top-1/top-5 over ``dataset`` with each rank taking every world-th image; counts summed across ranks."""
-    from vitslim.measure import evaluate
-
-    loader = torch.utils.data.DataLoader(_eval_shard(dataset, rank, world), batch_size=batch_size)
-    result = evaluate(model, loader, progress=progress, device=device)
-    counts = torch.tensor([round(result["top1"] * result["n"]), round(result["top5"] * result["n"]), result["n"]],
-                          dtype=torch.float64)
-    c1, c5, n = _all_reduce_sum(counts).tolist()
-    return {"top1": c1 / n, "top5": c5 / n, "n": int(n)}
 
 
 def wants_teacher(model: nn.Module, config: TrainConfig, choice: str = "auto") -> bool:

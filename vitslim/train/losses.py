@@ -74,27 +74,37 @@ class Criterion:
                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its detached parts; ``teacher(blocks)`` gives (logits, {block: patch tokens})."""
         aux = list(aux)
-        targets = [a for a in aux if isinstance(a, TokenTarget)]
-        parts: dict[str, Tensor] = {}
         ce = cross_entropy(logits, target, self.label_smoothing)
-        parts["ce"] = ce
+        parts: dict[str, Tensor] = {"ce": ce}
         total = ce
-        teacher_logits, teacher_tokens = None, {}
-        if (self.kd_weight > 0 or (targets and self.token_weight > 0)):
-            if teacher is None:
-                raise VitslimError("distillation is on (kd_weight > 0 or a method's token targets) but there is no "
-                                   "teacher: pass teacher= (the dense model) or set kd_weight=0")
-            teacher_logits, teacher_tokens = teacher({t.block for t in targets} if self.token_weight > 0 else set())
+        teacher_logits, teacher_tokens = self.ask_teacher(aux, teacher)
         if self.kd_weight > 0:
             kd = kd_loss(logits, teacher_logits, self.kd_tau, self.kd_norm)
             parts["kd"] = kd
             a = self.kd_weight
             total = (1 - a) * ce + a * kd if self.kd_mode == "convex" else ce + a * kd
-        if targets and self.token_weight > 0:
-            for t in targets:
-                term = t.weight * masked_mse(t.student, teacher_tokens[t.block], t.mask)
-                parts[t.name] = parts[t.name] + term if t.name in parts else term
-                total = total + self.token_weight * term
+        return self.add_method_terms(total, parts, aux, teacher_tokens)
+
+    def ask_teacher(self, aux: list, teacher: Callable[[set[int]], tuple[Tensor, dict[int, Tensor]]] | None
+                    ) -> tuple[Tensor | None, dict[int, Tensor]]:
+        """The teacher's (logits, tokens) for the KD term and the blocks the aux's token targets name."""
+        targets = [a for a in aux if isinstance(a, TokenTarget)]
+        if not (self.kd_weight > 0 or (targets and self.token_weight > 0)):
+            return None, {}
+        if teacher is None:
+            raise VitslimError("distillation is on (kd_weight > 0 or a method's token targets) but there is no "
+                               "teacher: pass teacher= (the dense model) or set kd_weight=0")
+        return teacher({t.block for t in targets} if self.token_weight > 0 else set())
+
+    def add_method_terms(self, total: Tensor, parts: dict[str, Tensor], aux: list,
+                         teacher_tokens: dict[int, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``total`` plus the methods' token targets and own losses; all parts detached."""
+        if self.token_weight > 0:
+            for t in aux:
+                if isinstance(t, TokenTarget):
+                    term = t.weight * masked_mse(t.student, teacher_tokens[t.block], t.mask)
+                    parts[t.name] = parts[t.name] + term if t.name in parts else term
+                    total = total + self.token_weight * term
         for a in aux:
             if isinstance(a, AuxLoss):
                 parts[a.name] = parts[a.name] + a.value if a.name in parts else a.value
