@@ -1,22 +1,32 @@
-"""CamVid, training-free: a linear head trained on dense features, then each method switched on.
+"""CamVid segmentation: every method at each MACs budget, heads trained on dense features and under the method.
 
-    python benchmarks/segment_camvid.py --methods tome,atme,evit,topk --budgets 0.5,0.7 \\
-        --name camvid_linear_probe
+    python benchmarks/segment_camvid.py --name camvid_segment \\
+        --methods tome,atme,prune_merge,prune_merge_span,cait,evit,topk,sit,spvit,cdcp --budgets 0.5,0.7
 
 The backbone is the team's real pretrained ViT-S/14 (``$VITSLIM_SHARED/models/dinov2-vits14-imgfocus``,
-DINOv2 layout) at CamVid's native size rounded to patch 14 (364x476: 26x34 = 884 patch tokens).
-Steps: (1) dense full-grid features (``vitslim.dense.features``) of every training image, whole-image
-resized; (2) a ``LinearHead`` trained on them with cross-entropy at the masks' resolution (void
-ignored; AdamW, a fixed number of epochs, no augmentation: a probe, not a recipe); (3) dense and
-each method at each MACs budget (patched copies of the same backbone, ``macs=`` on this input size),
-scored with that head on the test split (mIoU over the 11 classes, ``evaluate_segmentation``) and
-timed beside its ideal at batch 1 (``vitslim.measure.compare``). Pruned patches get the value
-carried aside when dropped (``restore="dropped"``). Smoke mode (VITSLIM_BENCH_SMOKE=1, see smoke.py):
-the tiny ViT on a few synthetic road-like images, one epoch, results in the smoke folder.
+DINOv2 layout) at CamVid's native size rounded to patch 14 (364x476: 26x34 = 884 patch tokens),
+frozen throughout. Steps:
+1. dense full-grid features (``vitslim.dense.features``) of every training image (whole image resized);
+   a ``LinearHead`` and a Segmenter ``MaskTransformer`` (2 layers) trained on them with cross-entropy at
+   the masks' resolution (void ignored; AdamW, fixed epochs, no augmentation: a probe, not a recipe);
+2. each method at each budget (a patched copy of the backbone, ``macs=`` priced at this input size;
+   ``prune_merge_span`` is Prune-and-Merge's segmentation variant, ``span=2:10``): (a) **training-free**,
+   the dense-trained heads on the method's features; (b) **head under the method**, a new linear head
+   trained the same way on the method's own training features; mIoU over the 11 classes of the test
+   split at the masks' resolution (``ConfusionMatrix``). Methods with trained modules (SiT, SPViT)
+   run with their modules as initialised: their rows show what the method gives without its training;
+3. speed (``--phase speed``): every row timed beside its ideal at batch 1 and 8
+   (``vitslim.measure.compare.time_rows``).
+Pruned patches get the value carried aside when dropped (``restore="dropped"``). Each finished row is
+kept in ``--work`` (default ``$VITSLIM_BENCH_WORK`` or ~/.cache/vitslim/segment_camvid), so an
+interrupted run resumes where it stopped; the report is written from whatever rows are there.
+Smoke mode (VITSLIM_BENCH_SMOKE=1, see smoke.py): the tiny ViT on a few synthetic road-like images.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import shlex
 import sys
@@ -30,13 +40,27 @@ import torch
 import torch.nn.functional as F
 
 from vitslim.data import data_config, data_root
-from vitslim.dense import LinearHead, PairedTransform, SegmentationFolder, SegmentationModel, features
-from vitslim.dense.metrics import evaluate_segmentation
-from vitslim.measure.compare import build_configs, count_row_macs, protocol, time_rows
+from vitslim.dense import ConfusionMatrix, LinearHead, MaskTransformer, PairedTransform, SegmentationFolder, features
+from vitslim.io import atomic_write
+from vitslim.measure.compare import count_row_macs, protocol, time_rows
 from vitslim.measure.macs import count_macs
 from vitslim.measure.report import format_table, save_report
+from vitslim.patch import describe, patch
 
 SHARED = Path(os.environ.get("VITSLIM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+COLUMNS = [("method", "method", "{}"), ("budget", "MACs target", "{:.2f}"), ("macs_ratio", "MACs ratio", "{:.3f}"),
+           ("speedup_batch1", "speed-up b1", "{:.2f}x"), ("ideal_speedup_batch1", "ideal b1", "{:.2f}x"),
+           ("speedup_batch8", "speed-up b8", "{:.2f}x"), ("ideal_speedup_batch8", "ideal b8", "{:.2f}x"),
+           ("miou_linear", "mIoU linear %", "{:.2%}"), ("miou_linear_delta", "delta", "{:+.2%}"),
+           ("miou_mask", "mIoU mask %", "{:.2%}"), ("miou_mask_delta", "delta", "{:+.2%}"),
+           ("miou_linear_under_method", "mIoU linear, head under method %", "{:.2%}"),
+           ("miou_linear_under_method_delta", "delta", "{:+.2%}")]
+VARIANTS = {"prune_merge_span": "prune_merge"}  # row name -> method (options from variant_options)
+
+
+def span_for(depth: int) -> str:
+    """PM-Segmenter's span (merge_list [2], recover_list [10] on 12 blocks), scaled to ``depth``."""
+    return f"{depth // 6}:{depth - 2}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,14 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(SHARED / "models/dinov2-vits14-imgfocus"))
     parser.add_argument("--data", default=str((data_root() or SHARED / "data") / "camvid"))
     parser.add_argument("--size", default="364,476", help="input H,W (multiples of the patch size)")
-    parser.add_argument("--methods", default="tome,atme,evit,topk")
+    parser.add_argument("--methods", default="tome,atme,prune_merge,prune_merge_span,cait,evit,topk,sit,spvit,cdcp")
     parser.add_argument("--budgets", default="0.5,0.7")
-    parser.add_argument("--epochs", type=int, default=20, help="probe epochs over the cached train features")
+    parser.add_argument("--epochs", type=int, default=20, help="linear head epochs over the cached train features")
+    parser.add_argument("--mask-epochs", type=int, default=0, help="mask transformer epochs (0: no mask head)")
+    parser.add_argument("--under-method", action=argparse.BooleanOptionalAction, default=False,
+                        help="also train a linear head on each method's own features (b)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per model at batch 1")
+    parser.add_argument("--phase", choices=("accuracy", "speed", "all"), default="accuracy")
+    parser.add_argument("--speed-batches", default="1", help="batch sizes timed in the speed phase")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, help="use only the first N images of each split")
+    parser.add_argument("--work", default=os.environ.get("VITSLIM_BENCH_WORK",
+                                                         str(Path.home() / ".cache/vitslim/segment_camvid")))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default="camvid_linear_probe")
     return parser
@@ -61,26 +92,54 @@ def _subset(data: SegmentationFolder, limit: int | None) -> torch.utils.data.Dat
     return torch.utils.data.Subset(data, range(min(limit, len(data)))) if limit else data
 
 
-def _loader(data: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+@torch.no_grad()
+def cached_features(backbone: torch.nn.Module, data, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, masks) per batch of ``data``: the backbone runs once, every head reads the cache."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    return [(features(backbone.eval(), images), masks) for images, masks in loader]
 
 
-def train_probe(backbone: torch.nn.Module, loader, num_classes: int, epochs: int, lr: float) -> LinearHead:
-    """A linear head on cached dense features, cross-entropy at the masks' resolution (void ignored)."""
-    cached = []
-    with torch.no_grad():
-        for images, masks in loader:
-            cached.append((features(backbone, images), masks))
-    head = LinearHead(cached[0][0].shape[1], num_classes)
+def train_head(head: torch.nn.Module, cache, epochs: int, lr: float) -> torch.nn.Module:
+    """Cross-entropy at the masks' resolution (void ignored) over the cached features, AdamW, fixed epochs."""
+    torch.manual_seed(0)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    head.train()
     for _ in range(epochs):
-        for fmap, masks in cached:
+        for fmap, masks in cache:
             logits = F.interpolate(head(fmap), size=masks.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, masks, ignore_index=255)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     return head.eval()
+
+
+@torch.no_grad()
+def score(head: torch.nn.Module, cache, num_classes: int) -> dict:
+    """mIoU and pixel accuracy of ``head`` over cached test features, at the masks' resolution."""
+    matrix = ConfusionMatrix(num_classes)
+    for fmap, masks in cache:
+        logits = F.interpolate(head(fmap), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update(logits.argmax(1), masks)
+    result = matrix.compute()
+    return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"], "iou": result["iou"]}
+
+
+def build_row(backbone: torch.nn.Module, name: str, budget: float | None) -> torch.nn.Module:
+    """The dense backbone, or a patched copy for a method (or variant) at a MACs budget."""
+    if name == "dense":
+        return backbone
+    options = {"span": span_for(len(backbone.blocks))} if name in VARIANTS else {}
+    return patch(copy.deepcopy(backbone), VARIANTS.get(name, name), macs=budget, **options).eval()
+
+
+def row_key(name: str, budget: float) -> str:
+    """A row's name in the work folder and the timing configs ("dense" as time_rows expects)."""
+    return "dense" if name == "dense" else f"{name}@{budget}"
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,46 +149,127 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(int(v) for v in args.size.split(","))
     methods = [m for m in args.methods.split(",") if m]
     budgets = [float(b) for b in args.budgets.split(",") if b]
-    threads, runs, epochs, limit = args.threads, args.runs, args.epochs, args.limit
+    threads, runs, epochs, mask_epochs, limit = args.threads, args.runs, args.epochs, args.mask_epochs, args.limit
+    work = Path(args.work) / args.name
     if smoke.ENABLED:  # the same code on tiny inputs: see smoke.py
         backbone = timm.create_model(smoke.TINY_ARCHITECTURE, **smoke.TINY_VIT).eval()
         size, data_folder = tuple(smoke.TINY_VIT["img_size"] for _ in range(2)), smoke.segmentation_folder()
-        budgets, threads, runs, epochs = budgets[:1], smoke.THREADS, smoke.RUNS, 1
+        budgets, threads, runs, epochs, mask_epochs = budgets[:1], smoke.THREADS, smoke.RUNS, 1, min(mask_epochs, 1)
+        work = smoke.work_dir() / "segment_camvid" / args.name
     else:
         backbone = timm.create_model(f"local-dir:{args.model}", pretrained=True, img_size=size).eval()
         data_folder = args.data
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
     cfg = data_config(backbone)
     transform = PairedTransform(size, train=False, mean=cfg["mean"], std=cfg["std"])
     train = SegmentationFolder(data_folder, "train", transform=transform)
     test = SegmentationFolder(data_folder, "test", transform=transform)
     num_classes, train, test = train.num_classes, _subset(train, limit), _subset(test, limit)
-    start = time.perf_counter()
-    head = train_probe(backbone, _loader(train, args.batch_size), num_classes, epochs, args.lr)
-    probe_s = time.perf_counter() - start
-    dense, configs, rows = build_configs(backbone, methods, budgets, {}, progress=False)
-    count_row_macs(rows, configs.values(), count_macs(dense))
-    speeds = time_rows(rows, configs, batch_size=1, runs=runs, warmup=1, threads=threads, precision="fp32",
-                       allocator="tuned", progress=False)
-    test_loader = _loader(test, args.batch_size)
-    for row, model in zip(rows, configs.values()):
-        scores = evaluate_segmentation(SegmentationModel(model, head), test_loader, num_classes)
-        row.update(miou=scores["miou"], pixel_accuracy=scores["pixel_accuracy"], iou=scores["iou"])
-    for row in rows:
-        row["miou_delta"] = row["miou"] - rows[0]["miou"]
-    result = {"protocol": {
-        "model": f"{smoke.TINY_ARCHITECTURE} (smoke mode)" if smoke.ENABLED else args.model,
-        "data": str(data_folder), "input": f"{size[0]}x{size[1]}", "train_images": len(train),
-        "test_images": len(test), "probe": f"LinearHead on dense features, {epochs} epochs, "
-        f"AdamW lr {args.lr}, batch {args.batch_size}, {probe_s:.0f} s", "restore": "dropped",
-        **protocol(dense, speeds["dense"], batch_size=1, runs=runs, warmup=1, precision="fp32")}, "rows": rows}
-    out = smoke.results_dir(args.out)
-    paths = save_report(result, out, args.name, f"{args.name}: CamVid test, linear probe trained on dense features",
-                        command=command, plot=False)
-    print(format_table(rows))
-    print("wrote " + ", ".join(map(str, paths)))
+    work.mkdir(parents=True, exist_ok=True)
+    names = [("dense", 1.0)] + [(m, b) for m in methods for b in budgets]
+
+    if args.phase in ("accuracy", "all"):
+        heads_path = work / "dense_heads.pt"
+        linear = LinearHead(backbone.num_features, num_classes)
+        mask = MaskTransformer(backbone.num_features, num_classes) if mask_epochs else None
+        if heads_path.is_file():
+            saved = torch.load(heads_path, weights_only=True)
+            linear.load_state_dict(saved["linear"])
+            if mask is not None:
+                mask.load_state_dict(saved["mask"])
+            probe_s = saved["seconds"]
+        else:
+            start = time.perf_counter()
+            train_cache = cached_features(backbone, train, args.batch_size)
+            train_head(linear, train_cache, epochs, args.lr)
+            if mask is not None:
+                train_head(mask, train_cache, mask_epochs, args.lr)
+            del train_cache
+            probe_s = time.perf_counter() - start
+            state = {"linear": linear.state_dict(), "seconds": probe_s}
+            if mask is not None:
+                state["mask"] = mask.state_dict()
+            atomic_write(heads_path, lambda f: torch.save(state, f))
+        for name, budget in names:
+            path = work / f"{name}@{budget}.json"
+            if path.is_file():
+                continue
+            print(f"{name}@{budget} ...", flush=True)
+            start = time.perf_counter()
+            model = build_row(backbone, name, budget)
+            test_cache = cached_features(model, test, args.batch_size)
+            record = {"method": name, "budget": budget, "options": describe(model)["options"],
+                      "linear": score(linear, test_cache, num_classes)}
+            if mask is not None:
+                record["mask"] = score(mask, test_cache, num_classes)
+            if args.under_method and name != "dense":
+                trained = train_head(LinearHead(backbone.num_features, num_classes),
+                                     cached_features(model, train, args.batch_size), epochs, args.lr)
+                record["linear_under_method"] = score(trained, test_cache, num_classes)
+            record["seconds"] = round(time.perf_counter() - start, 1)
+            atomic_write(path, json.dumps(record) + "\n")
+
+    if args.phase in ("speed", "all"):
+        speed_path = work / "speed.json"
+        if not speed_path.is_file():
+            configs = {row_key(n, b): build_row(backbone, n, b) for n, b in names}
+            rows = [{"method": n, "budget": b} for n, b in names]
+            count_row_macs(rows, configs.values(), count_macs(backbone))
+            speed = {"rows": {}}
+            for batch in [int(b) for b in args.speed_batches.split(",")]:
+                timed = [dict(r) for r in rows]
+                speeds = time_rows(timed, configs, batch_size=batch, runs=runs, warmup=1, threads=threads,
+                                   precision="fp32", allocator="tuned", progress=False)
+                speed["protocol"] = {**protocol(backbone, speeds["dense"], batch_size=batch, runs=runs, warmup=1,
+                                                precision="fp32"), "batch_size": args.speed_batches}
+                for key, row in zip(configs, timed):
+                    speed["rows"].setdefault(key, {"gmacs": row["gmacs"], "macs_ratio": row["macs_ratio"]})
+                    speed["rows"][key].update({f"{k}_batch{batch}": row[k] for k in
+                                               ("images_per_s", "speedup", "ideal_speedup") if k in row})
+            atomic_write(speed_path, json.dumps(speed) + "\n")
+
+    args.depth = len(backbone.blocks)
+    report(work, names, num_classes, args, command, size, data_folder, len(train), len(test), probe_epochs=epochs)
     return 0
+
+
+def report(work: Path, names, num_classes: int, args, command: str, size, data_folder, n_train: int, n_test: int,
+           probe_epochs: int) -> None:
+    """The table from every finished row in ``work``: mIoU of each head, the change against dense, speed."""
+    speed = _load(work / "speed.json") or {"rows": {}}
+    rows = []
+    for name, budget in names:
+        record = _load(work / f"{name}@{budget}.json")
+        if record is None:
+            continue
+        row = {"method": name, "budget": budget, **speed["rows"].get(row_key(name, budget), {})}
+        for head in ("linear", "mask", "linear_under_method"):
+            if head in record:
+                row[f"miou_{head}"] = record[head]["miou"]
+        row["iou_linear"] = record["linear"]["iou"]
+        rows.append(row)
+    if not rows or rows[0]["method"] != "dense":
+        print("no dense row yet: run the accuracy phase")
+        return
+    for row in rows:
+        for head in ("linear", "mask", "linear_under_method"):
+            base = rows[0].get(f"miou_{head}", rows[0].get("miou_linear"))
+            if f"miou_{head}" in row:
+                row[f"miou_{head}_delta"] = row[f"miou_{head}"] - base
+    heads_record = torch.load(work / "dense_heads.pt", weights_only=True) if (work / "dense_heads.pt").is_file() else {}
+    proto = {"model": f"{smoke.TINY_ARCHITECTURE} (smoke mode)" if smoke.ENABLED else args.model,
+             "data": str(data_folder), "input": f"{size[0]}x{size[1]}", "train_images": n_train,
+             "test_images": n_test, "heads": f"LinearHead ({probe_epochs} epochs)" + (
+                 f" and MaskTransformer ({args.mask_epochs} epochs)" if "mask" in heads_record else "") +
+             f" on frozen dense features, AdamW lr {args.lr}, batch {args.batch_size}",
+             "restore": "dropped", "prune_merge_span": "span=" + span_for(args.depth),
+             **{f"speed {k}": v for k, v in speed.get("protocol", {}).items() if k != "input_size"}}
+    out = smoke.results_dir(args.out)
+    paths = save_report({"protocol": proto, "rows": rows}, out, args.name,
+                        f"{args.name}: CamVid test, heads on a frozen ViT-S/14, methods switched on", command=command,
+                        plot=False, columns=COLUMNS)
+    print(format_table(rows, COLUMNS))
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

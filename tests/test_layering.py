@@ -21,7 +21,7 @@ LAYERS = [
      "vitslim.patch"],
     ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration", "vitslim.dense.features",
      "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
-    ["vitslim.models"],
+    ["vitslim.models", "vitslim.dense.compare"],
     ["vitslim.train.*"],
     ["vitslim.zoo"],
     ["vitslim.export", "vitslim.export.*"],

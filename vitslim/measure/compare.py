@@ -39,11 +39,7 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
     """
     check_timing(batch_size, runs, warmup, precision, allocator)  # before the slow patching
     dense, configs, rows = build_configs(model, methods, budgets, options or {}, progress)
-    for name, prebuilt, info in _prebuilt(models):
-        if name in configs:
-            raise VitslimError(f"models: the name {name!r} is taken by another row; give it another name")
-        configs[name] = prebuilt.eval()
-        rows.append(_row(name, prebuilt, info))
+    add_prebuilt(configs, rows, models)
     count_row_macs(rows, configs.values(), count_macs(dense))
     speeds = time_rows(rows, configs, batch_size=batch_size, runs=runs, warmup=warmup, threads=threads,
                        precision=precision, allocator=allocator, progress=progress)
@@ -59,6 +55,15 @@ def _row(method: str, model: nn.Module, info: dict | None = None) -> dict[str, A
     row = {"method": method, "budget": described["macs_target"], "options": described["options"],
            "tokens": [list(t) for t in described["tokens"]]}
     return {**row, **(info or {})}
+
+
+def add_prebuilt(configs: dict[str, nn.Module], rows: list[dict[str, Any]], models: Prebuilt | None) -> None:
+    """Append prebuilt models (``run_compare``'s ``models``) to the configs and rows, each under its own name."""
+    for name, prebuilt, info in _prebuilt(models):
+        if name in configs:
+            raise VitslimError(f"models: the name {name!r} is taken by another row; give it another name")
+        configs[name] = prebuilt.eval()
+        rows.append(_row(name, prebuilt, info))
 
 
 def _prebuilt(models: Prebuilt | None) -> list[tuple[str, nn.Module, dict]]:
