@@ -25,6 +25,8 @@ LAYERS = [
     ["vitslim.train.*"],
     ["vitslim.zoo"],
     ["vitslim.export", "vitslim.export.*"],
+    ["vitslim.cli_common"],
+    ["vitslim.cli_segment"],
     ["vitslim.cli", "vitslim.__main__"],
 ]
 CORE = ["vitslim.patch", "vitslim.tokens", "vitslim.kernels", "vitslim.budget", "vitslim.methods.base"]

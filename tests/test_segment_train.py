@@ -119,3 +119,42 @@ def test_segmentation_training_refuses_what_masks_cannot_follow(tmp_path):
         fit(tiny_vit(), torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)),
             config=_config(epochs=1), out_dir=out, progress=False)
         load_segmentation(out / "last.pt")
+
+
+def _model_folder(path):
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=0)
+    model = __import__("timm").create_model("vit_tiny_patch16_224", **args)
+    save_for_hf(model, str(path), model_args=args, safe_serialization=True)
+    return str(path)
+
+
+def test_segment_cli_trains_evaluates_and_compares(tmp_path, capsys):
+    import json
+
+    from vitslim.cli import main
+
+    data, model = _folder(tmp_path / "data"), _model_folder(tmp_path / "model")
+    out = tmp_path / "run"
+    assert main(["segment", "train", "--model", model, "--data", data, "--size", "32,32", "--num-classes", "3",
+                 "--val-split", "test", "--freeze-backbone", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "mIoU" in capsys.readouterr().out and (out / "best.pt").is_file()
+    assert main(["segment", "eval", str(out / "best.pt"), "--data", data, "--num-classes", "3",
+                 "--method", "tome", "--macs", "0.7"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mIoU") and "on 8 images at 32x32" in printed
+    assert main(["segment", "compare", str(out / "best.pt"), "--data", data, "--num-classes", "3",
+                 "--methods", "tome,prune_merge", "--budgets", "0.7", "--option", "prune_merge.span=1:2",
+                 "--batch-sizes", "1,2", "--pictures", "2", "--out", str(tmp_path / "cmp")]) == 0
+    report = json.loads((tmp_path / "cmp" / "segment_compare.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"dense", "tome", "prune_merge"} and rows["prune_merge"]["options"]["span"] == "1:2"
+    assert all("miou" in r and "speedup_batch2" in r for r in rows.values())
+    assert (tmp_path / "cmp" / "segment_compare_masks.png").is_file()
+    assert (tmp_path / "cmp" / "segment_compare.png").is_file()
+    # errors: a classification checkpoint, a missing folder
+    assert main(["segment", "eval", str(out / "best.pt"), "--data", str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
