@@ -33,7 +33,7 @@ def features(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = No
     check_input(model, images)
     if restore not in RESTORES:
         raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
-    picked = _blocks(blocks, len(model.blocks))
+    picked = block_indices(blocks, len(model.blocks))
     if not is_patched(model):
         return _dense_features(model, images, picked, norm)
     post = model.norm if norm else nn.Identity()
@@ -49,7 +49,8 @@ def features(model: nn.Module, images: Tensor, blocks: Sequence[int] | None = No
     return [maps[i] for i in picked]
 
 
-def _blocks(blocks: Sequence[int] | None, depth: int) -> list[int] | None:
+def block_indices(blocks: Sequence[int] | int | None, depth: int) -> list[int] | None:
+    """``blocks`` as 0-based indices in [0, depth) (negative counts from the end); a one-line error when out of range."""
     if blocks is None:
         return None
     if isinstance(blocks, int):
