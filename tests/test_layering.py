@@ -20,7 +20,7 @@ LAYERS = [
     ["vitslim.kernels", "vitslim.tokens", "vitslim.budget", "vitslim.measure.macs", "vitslim.methods.base",
      "vitslim.patch"],
     ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration", "vitslim.dense.features",
-     "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
+     "vitslim.dense.visualize", "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
     ["vitslim.models"],
     ["vitslim.train.*"],
     ["vitslim.zoo"],
@@ -141,7 +141,8 @@ def test_token_state_keeps_no_single_method_field():
 
     assert {f.name for f in dataclasses.fields(TokenState)} == {
         "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace",
-        "dropped"}  # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike
+        "dropped", "block_source"}  # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike;
+    # block_source: reset by the spine before every block, for any reducer that groups tokens inside one block
 
 
 def test_every_hook_is_a_documented_method_with_a_default():
