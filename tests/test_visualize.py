@@ -1,4 +1,4 @@
-"""vitslim.dense.visualize: which patches share a token, for every method."""
+"""`vitslim visualize` and vitslim.dense.visualize: which patches share a token, for every method."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from conftest import tiny_vit
+from vitslim.cli import main
 from vitslim.dense.visualize import (FUSED, PRUNED, count_tokens, draw_token_groups, group_outlines, load_images,
                                      save_figure, token_groups)
 from vitslim.errors import VitslimError
 from vitslim.patch import patch
+from vitslim.zoo import _write_folder
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=5)  # an 8x8 grid
 # native knobs, not macs=: a budget search costs seconds, and the CLI test covers --macs
@@ -153,3 +155,45 @@ def test_save_figure_and_load_images(tiny, patched, tmp_path):
         load_images([tmp_path / "broken.png"], tiny)
     with pytest.raises(VitslimError, match=r"blocks must be block indices in \[-4, 3\], got 4"):
         token_groups(tiny, batch, [4])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny):
+    """A timm model folder of the tiny ViT, as `--model` takes it."""
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    cfg = dict(input_size=[3, 32, 32], interpolation="bilinear", crop_pct=1.0, crop_mode="center",
+               mean=[0.5] * 3, std=[0.25] * 3, num_classes=5, first_conv="patch_embed.proj", classifier="head")
+    _write_folder(folder, tiny, dict(architecture="vit_tiny_patch16_224", num_classes=5,
+                                     model_args={**TINY, "img_size": [32, 32]}, pretrained_cfg=cfg))
+    return folder
+
+
+def test_cli_writes_one_png_per_image_with_a_row_per_method(tiny_folder, tmp_path, capsys):
+    for name in ("a", "b"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(
+            tmp_path / f"{name}.png")
+    out = tmp_path / "vis"
+    args = ["visualize", "--model", str(tiny_folder), "--method", "tome,dense", "--macs", "0.7",
+            "--blocks", "1,-1", "--out", str(out), str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert main(args) == 0
+    written = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert f"wrote {out / 'a.png'}" in written
+    width, height = Image.open(out / "a.png").size
+    assert height > 200 and width > 2 * 200  # 2 rows (tome, dense) x 3 panels (image, 2 blocks)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "tome", "missing.png"], "no image file missing.png"),
+    (["--method", "tome", "--blocks", "4", "IMG"], "blocks must be block indices in [-4, 3], got 4"),
+    (["--method", "tome,magic", "IMG"], "unknown method 'magic'"),
+    (["IMG"], "give --method"),
+    (["--method", "tome", "--image-size", "24x40", "IMG"], "this model takes 32x32 images, got 24x40"),
+])
+def test_cli_bad_input_is_one_line(tiny_folder, tmp_path, capsys, extra, message):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    extra = [str(tmp_path / "img.png") if a == "IMG" else a for a in extra]
+    assert main(["visualize", "--model", str(tiny_folder), "--out", str(tmp_path / "vis"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitslim: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "vis").exists()
