@@ -49,6 +49,8 @@ def load_images(paths: Sequence[str | os.PathLike], model: nn.Module,
     ``size`` replaces the model's input size (a non-square one needs a model with dynamic_img_size).
     The drawn picture is the model's input, un-normalised: the same resize and crop.
     """
+    if not paths:
+        raise VitslimError("no images given: pass at least one image file")
     cfg = data_config(model)
     if size is not None:
         cfg["input_size"] = (cfg["input_size"][0], *size)
