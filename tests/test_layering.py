@@ -20,7 +20,7 @@ LAYERS = [
     ["vitslim.kernels", "vitslim.tokens", "vitslim.budget", "vitslim.measure.macs", "vitslim.methods.base",
      "vitslim.patch"],
     ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration", "vitslim.dense.features",
-     "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
+     "vitslim.dense.visualize", "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
     ["vitslim.models", "vitslim.dense.compare"],
     ["vitslim.train.*"],
     ["vitslim.zoo"],

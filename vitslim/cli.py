@@ -9,6 +9,8 @@
     vitslim calibrate Prune-and-Merge's scoring pass on data: saves the scores and prints the plan
                       (then: --method prune_merge --option scores=FILE)
     vitslim segment   semantic segmentation: train | eval | compare (vitslim segment --help)
+    vitslim visualize which patches share a token after chosen blocks, per method: one PNG per image,
+                      a row per method (pruned patches grey, fused ones darkened)
 """
 from __future__ import annotations
 
@@ -18,12 +20,11 @@ import sys
 from typing import Any, Sequence
 
 from vitslim import cli_segment
-from vitslim.cli_common import (_add_model_args, _add_train_args, _command, _floats, _method_options, _option,
-                                _options_for)
+from vitslim.cli_common import (_add_model_args, _add_train_args, _command, _floats, _ints, _method_list,
+                                _method_options, _option, _options_for, _size)
 from vitslim.errors import VitslimError
 from vitslim.measure.macs import count_macs
-from vitslim.methods.base import methods as known_methods
-from vitslim.patch import describe, patch
+from vitslim.patch import check_input, describe, patch
 
 DEFAULT_METHODS = "tome,evit,topk"
 
@@ -88,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default="vitslim-out/prune_merge_scores.safetensors", help="scores file")
     calibrate.add_argument("--no-progress", action="store_true")
     cli_segment.add_parser(sub)
+    vis = sub.add_parser("visualize", help="pictures of which patches share a token after chosen blocks")
+    _add_model_args(vis)
+    vis.add_argument("images", nargs="+", metavar="IMAGE", help="image files to draw")
+    vis.add_argument("--method", help="comma-separated methods, one row each ('dense' too); "
+                                      "default: the method of a patched --checkpoint")
+    vis.add_argument("--macs", type=float, help="MACs budget for every --method (fraction of dense)")
+    vis.add_argument("--option", type=_option, action="append", default=[],
+                     help="method option key=value or method.key=value (repeatable)")
+    vis.add_argument("--blocks", type=_ints, help="0-based blocks to draw, e.g. 2,5,11 (negative: from the end; "
+                                                  "default about 1/4 and 1/2 through, and the last)")
+    vis.add_argument("--image-size", type=_size, metavar="HxW",
+                     help="input size instead of the model's (non-square needs a dynamic_img_size model)")
+    vis.add_argument("--out", default="visualize", help="folder for the PNGs (default visualize)")
     exp = sub.add_parser("export", help="slice a CDCP/CAIT training checkpoint into a smaller model (safetensors)")
     exp.add_argument("checkpoint", help="a vitslim training checkpoint (e.g. OUT/last.pt) patched with cdcp or cait")
     exp.add_argument("--out", required=True, help="the .safetensors file to write (vitslim.export.load reads it)")
@@ -127,10 +141,7 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     from vitslim.measure.compare import run_compare
     from vitslim.measure.report import format_table, save_report
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in known_methods():
-            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(known_methods())}")
+    methods = _method_list(args.methods)
     model = _load(args)
     loader = _loader(args, model) if with_data else None
     if with_data and loader is None:
@@ -267,6 +278,49 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_visualize(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from vitslim.dense.features import block_indices
+    from vitslim.dense.visualize import load_images, save_figure, token_groups
+    from vitslim.measure.compare import build_configs
+
+    names = [m.strip() for m in (args.method or "").split(",") if m.strip()]
+    methods = _method_list(",".join(m for m in names if m != "dense"))
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:  # before loading the model, which can take a while
+        raise VitslimError(f"no image file {', '.join(missing)}: give paths of images (png, jpg, ...)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    block_indices(args.blocks, len(model.blocks))  # a bad --blocks fails before the budget searches
+    images, pictures = load_images(args.images, model, size=args.image_size)
+    check_input(model, images)  # e.g. a non-square --image-size on a model without dynamic_img_size
+    dense, configs, _ = build_configs(model, methods, [args.macs], _method_options(args, methods))
+    if "dense" not in names:
+        configs.pop("dense")
+    if not configs:
+        raise VitslimError("give --method, e.g. --method tome,topk --macs 0.6")
+    input_size = tuple(images.shape[1:])
+    dense_macs = count_macs(dense, input_size)
+    rows = {}
+    for name, m in configs.items():
+        label = f"{name.split('@')[0]}: {count_macs(m, input_size) / dense_macs:.2f} of dense MACs"
+        rows[label] = token_groups(m, images, args.blocks)
+    out = pathlib.Path(args.out)
+    stems: set[str] = set()
+    for b, path in enumerate(args.images):
+        stem = pathlib.Path(path).stem
+        stem = f"{stem}-{b}" if stem in stems else stem  # two images of one name in different folders
+        stems.add(stem)
+        per_image = {label: {i: g[b] for i, g in groups.items()} for label, groups in rows.items()}
+        written = save_figure(out / f"{stem}.png", pictures[b], per_image, title=f"{args.model}: {path}")
+        print(f"wrote {written}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitslim`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -284,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_export(args)
         if args.command == "segment":
             return cli_segment.run(args)
+        if args.command == "visualize":
+            return _run_visualize(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)

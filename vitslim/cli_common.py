@@ -15,6 +15,24 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    """HxW or H,W in pixels (one number: a square)."""
+    try:
+        values = [int(v) for v in text.lower().replace("x", ",").split(",") if v]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 224x320, got {text!r}") from None
+    return values[0], values[-1]
+
+
 def _option(text: str) -> tuple[str, str, str]:
     """METHOD.KEY=VALUE or KEY=VALUE; the value is read by the method's option type (e.g. r=[8,4])."""
     if "=" not in text:
@@ -108,6 +126,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=argparse.SUPPRESS,
                            type=kind, metavar=metavar, help=f"(default {default})")
+
+
+def _method_list(text: str) -> list[str]:
+    """Comma-separated method names, each one known; a one-line error otherwise."""
+    from vitslim.methods.base import methods as known_methods
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in known_methods():
+            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(known_methods())}")
+    return methods
 
 
 def _method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:

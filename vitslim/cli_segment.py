@@ -13,18 +13,9 @@ import argparse
 import pathlib
 from typing import Any
 
-from vitslim.cli_common import _add_train_args, _command, _floats, _method_options, _option, _options_for
+from vitslim.cli_common import (_add_train_args, _command, _floats, _method_list, _method_options, _option,
+                                _options_for, _size)
 from vitslim.errors import VitslimError
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        values = [int(v) for v in text.replace("x", ",").split(",") if v]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--size takes H,W (or one side for a square), got {text!r}")
-    return (values[0], values[-1])
 
 
 def _add_data(p: argparse.ArgumentParser, split: str) -> None:
@@ -186,14 +177,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     from vitslim.dense.compare import prediction_figure, run_segment_compare
     from vitslim.measure.report import format_table, save_report
-    from vitslim.methods.base import methods as known_methods
     from vitslim.patch import is_patched
 
     torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in known_methods():
-            raise VitslimError(f"unknown method {m!r}; known methods: {', '.join(known_methods())}")
+    methods = _method_list(args.methods)
     model, size = _loaded(args)
     if is_patched(model.backbone):
         raise VitslimError("segment compare switches methods on under a head trained on the dense backbone: give a "

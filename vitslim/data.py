@@ -30,6 +30,7 @@ DIGITS_DATA_CFG = dict(
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 DIGITS_SHIFT = 2  # train-time random shift, in 28x28 pixels (about half a source pixel)
 
+IMAGE_MODES = {1: "L", 3: "RGB"}  # PIL mode of a model's input, by its number of channels
 _CACHE_MAX_PIXELS = 64 * 64  # decode small images (CIFAR-10) once per process; large ones on every read
 _DECODED: dict[tuple[str, str], np.ndarray] = {}
 
@@ -153,8 +154,7 @@ def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | No
     if limit is not None and limit < 1:
         raise VitslimError(f"limit must be a positive number of images, got {limit}")
     cfg = data_config(model, spec)
-    modes = {1: "L", 3: "RGB"}
-    if cfg["input_size"][0] not in modes:
+    if cfg["input_size"][0] not in IMAGE_MODES:
         raise VitslimError(f"models with {cfg['input_size'][0]} input channels are not supported; use 1 or 3")
     if spec == "digits":
         images, labels = digits_split(split)
@@ -165,7 +165,7 @@ def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | No
         keep = balanced_subset(targets, limit)
         items, targets = [items[i] for i in keep], [targets[i] for i in keep]
     transform = train_transform(cfg, spec=spec, **augment) if augment is not None else build_transform(cfg, split, spec)
-    return ImageDataset(items, targets, classes, transform, modes[cfg["input_size"][0]])
+    return ImageDataset(items, targets, classes, transform, IMAGE_MODES[cfg["input_size"][0]])
 
 
 def build_loader(spec: str, split: str = "test", *, model: torch.nn.Module | None = None, batch_size: int = 64,
@@ -192,6 +192,13 @@ def balanced_subset(targets: Sequence[int], limit: int) -> list[int]:
         keep += [group[i * len(group) // quota] for i in range(quota)]
         left -= quota
     return sorted(keep)
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """One image file decoded in PIL ``mode``; a one-line error when it is missing or unreadable."""
+    if not pathlib.Path(path).is_file():
+        raise VitslimError(f"no image file {path}: give the path of an image (png, jpg, ...)")
+    return _load_image(str(path), mode)
 
 
 def _load_image(path: str, mode: str) -> Image.Image:

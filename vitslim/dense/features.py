@@ -40,7 +40,7 @@ def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] |
     check_input(model, images)
     if restore not in RESTORES:
         raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
-    picked = _blocks(blocks, len(model.blocks))
+    picked = block_indices(blocks, len(model.blocks))
     if not is_patched(model):
         return _dense_features(model, images, picked, norm), None
     post = model.norm if norm else nn.Identity()
@@ -56,7 +56,8 @@ def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] |
     return [maps[i] for i in picked], state
 
 
-def _blocks(blocks: Sequence[int] | None, depth: int) -> list[int] | None:
+def block_indices(blocks: Sequence[int] | int | None, depth: int) -> list[int] | None:
+    """``blocks`` as 0-based indices in [0, depth) (negative counts from the end); a one-line error when out of range."""
     if blocks is None:
         return None
     if isinstance(blocks, int):
