@@ -8,11 +8,12 @@ DINOv2 layout) at CamVid's native size rounded to patch 14 (364x476: 26x34 = 884
 frozen throughout. Steps:
 1. dense full-grid features (``vitslim.dense.features``) of every training image (whole image resized);
    a ``LinearHead`` and a Segmenter ``MaskTransformer`` (2 layers) trained on them with cross-entropy at
-   the masks' resolution (void ignored; AdamW, fixed epochs, no augmentation: a probe, not a recipe);
+   ``--loss-scale`` of the masks' resolution (void ignored; AdamW, fixed epochs, no augmentation: a
+   probe, not a recipe; scored at the full resolution);
 2. each method at each budget (a patched copy of the backbone, ``macs=`` priced at this input size;
    ``prune_merge_span`` is Prune-and-Merge's segmentation variant, ``span=2:10``): (a) **training-free**,
-   the dense-trained heads on the method's features; (b) **head under the method**, a new linear head
-   trained the same way on the method's own training features; mIoU over the 11 classes of the test
+   the dense-trained heads on the method's features; (b) **head under the method**, the dense linear
+   head trained ``--method-epochs`` more epochs on the method's own training features; mIoU over the 11 classes of the test
    split at the masks' resolution (``ConfusionMatrix``). Methods with trained modules (SiT, SPViT)
    run with their modules as initialised: their rows show what the method gives without its training;
 3. speed (``--phase speed``): every row timed beside its ideal at batch 1 and 8
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-epochs", type=int, default=0, help="mask transformer epochs (0: no mask head)")
     parser.add_argument("--under-method", action=argparse.BooleanOptionalAction, default=False,
                         help="also train a linear head on each method's own features (b)")
+    parser.add_argument("--method-epochs", type=int, default=5,
+                        help="epochs of the head under each method, started from the dense-trained linear head")
+    parser.add_argument("--loss-scale", type=float, default=0.25,
+                        help="heads train at this fraction of the mask resolution (evaluation: full resolution)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--phase", choices=("accuracy", "speed", "all"), default="accuracy")
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=os.environ.get("VITSLIM_BENCH_WORK",
                                                          str(Path.home() / ".cache/vitslim/segment_camvid")))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--name", default="camvid_linear_probe")
+    parser.add_argument("--name", default="camvid_segment")
     return parser
 
 
@@ -93,10 +98,20 @@ def _subset(data: SegmentationFolder, limit: int | None) -> torch.utils.data.Dat
 
 
 @torch.no_grad()
-def cached_features(backbone: torch.nn.Module, data, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, masks) per batch of ``data``: the backbone runs once, every head reads the cache."""
+def cached_features(backbone: torch.nn.Module, data, batch_size: int,
+                    mask_scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, masks) per batch of ``data``: the backbone runs once, every head reads the cache.
+
+    ``mask_scale`` < 1 keeps the masks at that fraction of their resolution (nearest), for training.
+    """
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    return [(features(backbone.eval(), images), masks) for images, masks in loader]
+    cache = []
+    for images, masks in loader:
+        if mask_scale != 1.0:
+            size = [max(1, round(s * mask_scale)) for s in masks.shape[-2:]]
+            masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+        cache.append((features(backbone.eval(), images), masks))
+    return cache
 
 
 def train_head(head: torch.nn.Module, cache, epochs: int, lr: float) -> torch.nn.Module:
@@ -150,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     budgets = [float(b) for b in args.budgets.split(",") if b]
     threads, runs, epochs, mask_epochs, limit = args.threads, args.runs, args.epochs, args.mask_epochs, args.limit
+    method_epochs = args.method_epochs
     work = Path(args.work) / args.name
     if smoke.ENABLED:  # the same code on tiny inputs: see smoke.py
         backbone = timm.create_model(smoke.TINY_ARCHITECTURE, **smoke.TINY_VIT).eval()
         size, data_folder = tuple(smoke.TINY_VIT["img_size"] for _ in range(2)), smoke.segmentation_folder()
         budgets, threads, runs, epochs, mask_epochs = budgets[:1], smoke.THREADS, smoke.RUNS, 1, min(mask_epochs, 1)
+        method_epochs = 1
         work = smoke.work_dir() / "segment_camvid" / args.name
     else:
         backbone = timm.create_model(f"local-dir:{args.model}", pretrained=True, img_size=size).eval()
@@ -180,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_s = saved["seconds"]
         else:
             start = time.perf_counter()
-            train_cache = cached_features(backbone, train, args.batch_size)
+            train_cache = cached_features(backbone, train, args.batch_size, args.loss_scale)
             train_head(linear, train_cache, epochs, args.lr)
             if mask is not None:
                 train_head(mask, train_cache, mask_epochs, args.lr)
@@ -203,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             if mask is not None:
                 record["mask"] = score(mask, test_cache, num_classes)
             if args.under_method and name != "dense":
-                trained = train_head(LinearHead(backbone.num_features, num_classes),
-                                     cached_features(model, train, args.batch_size), epochs, args.lr)
+                trained = train_head(copy.deepcopy(linear), cached_features(model, train, args.batch_size,
+                                                                            args.loss_scale), method_epochs, args.lr)
                 record["linear_under_method"] = score(trained, test_cache, num_classes)
             record["seconds"] = round(time.perf_counter() - start, 1)
             atomic_write(path, json.dumps(record) + "\n")
@@ -261,7 +278,9 @@ def report(work: Path, names, num_classes: int, args, command: str, size, data_f
              "data": str(data_folder), "input": f"{size[0]}x{size[1]}", "train_images": n_train,
              "test_images": n_test, "heads": f"LinearHead ({probe_epochs} epochs)" + (
                  f" and MaskTransformer ({args.mask_epochs} epochs)" if "mask" in heads_record else "") +
-             f" on frozen dense features, AdamW lr {args.lr}, batch {args.batch_size}",
+             f" on frozen dense features, AdamW lr {args.lr}, batch {args.batch_size}, loss at {args.loss_scale:g} of"
+             f" the mask resolution; under each method: the dense linear head trained {args.method_epochs} more"
+             " epochs on the method's features",
              "restore": "dropped", "prune_merge_span": "span=" + span_for(args.depth),
              **{f"speed {k}": v for k, v in speed.get("protocol", {}).items() if k != "input_size"}}
     out = smoke.results_dir(args.out)

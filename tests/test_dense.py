@@ -44,6 +44,36 @@ def test_features_keep_the_full_grid_when_tokens_are_reduced(method, options):
     assert state.trace[-1][1] < 60  # the last block ran on fewer tokens than the 60 patches
 
 
+# every other method at zero reduction, on a model built for the non-square size (Prune-and-Merge's plan is static)
+ZERO_REDUCTION_FIXED = [("prune_merge", {"keep_rate": 1.0, "prune_rate": 0.0}),
+                        ("prune_merge", {"keep_rate": 1.0, "span": "1:2"}), ("atme", {"schedule": ""}),
+                        ("sit", {"keep_rate": 1.0}), ("cdcp", {"keep_rate": 1.0}),
+                        ("cait", {"schedule": "", "keep_rate": 1.0})]
+
+
+@pytest.mark.parametrize("method,options", ZERO_REDUCTION_FIXED)
+def test_features_at_zero_reduction_equal_dense_for_the_other_methods(method, options):
+    torch.manual_seed(0)
+    dense = tiny_vit(img_size=(24, 40)).eval()
+    patched = vitslim.patch(copy.deepcopy(dense), method, **options).eval()
+    images = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(features(patched, images), features(dense, images), rtol=1e-5, atol=1e-5)
+        for g, w in zip(features(patched, images, blocks=[1, 3]), features(dense, images, blocks=[1, 3]), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_spvit_at_keep_rate_one_still_adds_its_package_token():
+    # SPViT's package token (the sum of zero dropped tokens) joins attention at every selector, so even at
+    # keep_rate 1 the features differ slightly from dense: the method, not the restore (docs/dense.md)
+    dense = tiny_vit(dynamic_img_size=True).eval()
+    patched = vitslim.patch(copy.deepcopy(dense), "spvit", keep_rate=1.0).eval()
+    images = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        difference = (features(patched, images) - features(dense, images)).abs().max()
+    assert 0 < difference < 0.05
+
+
 def _after_attention(model, images, block):
     """Dense tokens after the attention residual of ``block`` (what top-k prunes from there)."""
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
