@@ -209,21 +209,24 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(heads_path, lambda f: torch.save(state, f))
         for name, budget in names:
             path = work / f"{name}@{budget}.json"
-            if path.is_file():
-                continue
+            record = _load(path)
+            wants_head = args.under_method and name != "dense"
+            if record is not None and (not wants_head or "linear_under_method" in record):
+                continue  # done; a row without the head under the method gets only that part added
             print(f"{name}@{budget} ...", flush=True)
             start = time.perf_counter()
             model = build_row(backbone, name, budget)
             test_cache = cached_features(model, test, args.batch_size)
-            record = {"method": name, "budget": budget, "options": describe(model)["options"],
-                      "linear": score(linear, test_cache, num_classes)}
-            if mask is not None:
-                record["mask"] = score(mask, test_cache, num_classes)
-            if args.under_method and name != "dense":
+            if record is None:
+                record = {"method": name, "budget": budget, "options": describe(model)["options"],
+                          "linear": score(linear, test_cache, num_classes)}
+                if mask is not None:
+                    record["mask"] = score(mask, test_cache, num_classes)
+            if wants_head:
                 trained = train_head(copy.deepcopy(linear), cached_features(model, train, args.batch_size,
                                                                             args.loss_scale), method_epochs, args.lr)
                 record["linear_under_method"] = score(trained, test_cache, num_classes)
-            record["seconds"] = round(time.perf_counter() - start, 1)
+            record["seconds"] = round(record.get("seconds", 0) + time.perf_counter() - start, 1)
             atomic_write(path, json.dumps(record) + "\n")
 
     if args.phase in ("speed", "all"):
@@ -279,8 +282,9 @@ def report(work: Path, names, num_classes: int, args, command: str, size, data_f
              "test_images": n_test, "heads": f"LinearHead ({probe_epochs} epochs)" + (
                  f" and MaskTransformer ({args.mask_epochs} epochs)" if "mask" in heads_record else "") +
              f" on frozen dense features, AdamW lr {args.lr}, batch {args.batch_size}, loss at {args.loss_scale:g} of"
-             f" the mask resolution; under each method: the dense linear head trained {args.method_epochs} more"
-             " epochs on the method's features",
+             " the mask resolution" + (f"; under each method: the dense linear head trained {args.method_epochs} more"
+                                       " epochs on the method's features"
+                                       if any("miou_linear_under_method" in r for r in rows) else ""),
              "restore": "dropped", "prune_merge_span": "span=" + span_for(args.depth),
              **{f"speed {k}": v for k, v in speed.get("protocol", {}).items() if k != "input_size"}}
     out = smoke.results_dir(args.out)

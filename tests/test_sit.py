@@ -6,7 +6,8 @@ import vitslim
 from vitslim.measure.macs import analytic_macs, count_macs
 from vitslim.methods.sit import ReverseSlimmer, TokenSlimmer, stage_counts
 from vitslim.train import Criterion, TrainConfig, fit, load, teacher_copy
-from vitslim.train.engine import StudentForward, param_groups, teacher_outputs
+from vitslim.train.engine import param_groups
+from vitslim.train.task import StudentForward, teacher_outputs
 
 from conftest import tiny_vit
 

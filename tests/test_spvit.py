@@ -7,7 +7,7 @@ from vitslim.measure.macs import count_macs
 from vitslim.methods.spvit import TokenSelector, keep_targets
 from vitslim.methods.spvit import policy_attention as _policy_attention
 from vitslim.train import Criterion, teacher_copy
-from vitslim.train.engine import StudentForward, teacher_outputs
+from vitslim.train.task import StudentForward, teacher_outputs
 from vitslim.train.losses import AuxLoss, TokenTarget
 
 from conftest import tiny_vit

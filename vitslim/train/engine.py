@@ -45,8 +45,7 @@ from vitslim.io import atomic_write
 from vitslim.methods.base import ParamOptions, get_method
 from vitslim.patch import is_patched, unpatch
 from vitslim.train.losses import Criterion
-from vitslim.train.task import (StudentForward, Task, all_reduce_sum, evaluate_distributed,  # noqa: F401
-                                 teacher_outputs)
+from vitslim.train.task import StudentForward, Task, all_reduce_sum
 
 LAST, BEST = "last.pt", "best.pt"
 FROZEN_TOKENS = ("cls_token", "pos_embed", "dist_token", "reg_token")
@@ -334,6 +333,9 @@ def _check_resume(payload: dict[str, Any], config: TrainConfig) -> None:
 
 def _load_weights(model: nn.Module, payload: dict[str, Any], task: Task) -> None:
     """Resume: the checkpoint's weights into the same (already patched) model, checked first."""
+    if payload.get("task", "classification") != task.name:
+        raise VitslimError(f"cannot resume: the checkpoint is from a {payload.get('task', 'classification')} run, "
+                           f"this run is {task.name}")
     backbone = task.backbone(model)
     cfg = backbone.vitslim_config if is_patched(backbone) else {}
     saved = (payload.get("method"), payload.get("options") or {})
