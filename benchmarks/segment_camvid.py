@@ -40,8 +40,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from vitslim.data import data_config, data_root
-from vitslim.dense import ConfusionMatrix, LinearHead, MaskTransformer, PairedTransform, SegmentationFolder, features
+from vitslim.data import data_root
+from vitslim.dense import ConfusionMatrix, LinearHead, MaskTransformer, SegmentationFolder, features
+from vitslim.dense.data import segmentation_split
 from vitslim.io import atomic_write
 from vitslim.measure.compare import count_row_macs, protocol, time_rows
 from vitslim.measure.macs import count_macs
@@ -177,10 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone = timm.create_model(f"local-dir:{args.model}", pretrained=True, img_size=size).eval()
         data_folder = args.data
     torch.set_num_threads(threads)
-    cfg = data_config(backbone)
-    transform = PairedTransform(size, train=False, mean=cfg["mean"], std=cfg["std"])
-    train = SegmentationFolder(data_folder, "train", transform=transform)
-    test = SegmentationFolder(data_folder, "test", transform=transform)
+    train = segmentation_split(data_folder, "train", backbone, size, train=False)  # a probe: no augmentation
+    test = segmentation_split(data_folder, "test", backbone, size, train=False)
     num_classes, train, test = train.num_classes, _subset(train, limit), _subset(test, limit)
     work.mkdir(parents=True, exist_ok=True)
     names = [("dense", 1.0)] + [(m, b) for m in methods for b in budgets]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from vitslim import cli_segment
 from vitslim.cli_common import (_add_model_args, _add_train_args, _command, _floats, _ints, _method_list,
-                                _method_options, _option, _options_for, _size)
+                                _method_options, _option, _options_for, _patch_as_asked, _size)
 from vitslim.errors import VitslimError
 from vitslim.measure.macs import count_macs
 from vitslim.patch import check_input, describe, patch
@@ -162,10 +162,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from vitslim.measure import evaluate
 
     model = _load(args)
-    if args.method:
-        patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
-    elif args.macs or args.option:
-        raise VitslimError("--macs and --option need --method")
+    _patch_as_asked(model, args)
     loader = _loader(args, model)
     if loader is None:
         raise VitslimError("give --data for a model other than the default")
@@ -222,10 +219,8 @@ def _run_train(args: argparse.Namespace) -> int:
             record["latency"] = (saved.get("run_record") or {}).get("latency")
         else:
             record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads, **options)
-    elif args.method:
-        patch(model, args.method, macs=args.macs, **options)
-    elif args.macs or args.option:
-        raise VitslimError("--macs and --option need --method")
+    else:
+        _patch_as_asked(model, args)
     if not wants_teacher(model, config, args.teacher):
         teacher = None
     record["teacher"] = "dense" if teacher is not None else None

@@ -128,6 +128,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            type=kind, metavar=metavar, help=f"(default {default})")
 
 
+def _patch_as_asked(model, args: argparse.Namespace) -> None:
+    """Patch ``model`` with --method (at --macs, with --option); refuse --macs/--option without a method."""
+    if args.method:
+        from vitslim.patch import patch
+
+        patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
+    elif args.macs or args.option:
+        raise VitslimError("--macs and --option need --method")
+
+
 def _method_list(text: str) -> list[str]:
     """Comma-separated method names, each one known; a one-line error otherwise."""
     from vitslim.methods.base import methods as known_methods

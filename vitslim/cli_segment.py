@@ -14,7 +14,7 @@ import pathlib
 from typing import Any
 
 from vitslim.cli_common import (_add_train_args, _command, _floats, _method_list, _method_options, _option,
-                                _options_for, _size)
+                                _patch_as_asked, _size)
 from vitslim.errors import VitslimError
 
 
@@ -77,14 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _folder(args: argparse.Namespace, split: str, backbone, size, train: bool):
-    from vitslim.data import data_config
-    from vitslim.dense.data import PairedTransform, SegmentationFolder
+    from vitslim.dense.data import segmentation_split
 
-    cfg = data_config(backbone)
-    transform = PairedTransform(size, train=train, mean=cfg["mean"], std=cfg["std"])
-    data = SegmentationFolder(args.data, split, layout=args.layout, num_classes=args.num_classes, void=args.void,
-                              transform=transform)
-    return data
+    return segmentation_split(args.data, split, backbone, size, train=train, layout=args.layout,
+                              num_classes=args.num_classes, void=args.void)
 
 
 def _limited(data, limit: int | None):
@@ -96,7 +92,6 @@ def _limited(data, limit: int | None):
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from vitslim.patch import patch
     from vitslim.train.config import TrainConfig
     from vitslim.train.engine import distributed_env, fit, resume_path, teacher_copy, wants_teacher
     from vitslim.train.segmentation import SegmentationTask, segmentation_model
@@ -110,10 +105,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     backbone = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, img_size=args.size)
     teacher = teacher_copy(backbone)
-    if args.method:
-        patch(backbone, args.method, macs=args.macs, **_options_for(args.method, args.option))
-    elif args.macs or args.option:
-        raise VitslimError("--macs and --option need --method")
+    _patch_as_asked(backbone, args)
     train_set = _folder(args, args.split, backbone, args.size, train=True)
     val_set = None if args.no_eval else _limited(_folder(args, args.val_split, backbone, args.size, train=False),
                                                  args.val_limit)
@@ -138,10 +130,11 @@ def _train(args: argparse.Namespace) -> int:
 def _loaded(args: argparse.Namespace):
     """The checkpoint's SegmentationModel and its input size."""
     from vitslim.train.checkpoint import read_checkpoint
-    from vitslim.train.segmentation import load_segmentation
+    from vitslim.train.segmentation import segmentation_from_payload
 
-    model = load_segmentation(args.checkpoint)
-    size = (read_checkpoint(args.checkpoint).get("run_record") or {}).get("size")
+    payload = read_checkpoint(args.checkpoint)
+    model = segmentation_from_payload(payload, source=args.checkpoint)
+    size = (payload.get("run_record") or {}).get("size")
     size = tuple(size) if size else tuple(model.backbone.patch_embed.img_size)
     return model, size
 
@@ -151,16 +144,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from vitslim.dense.metrics import evaluate_segmentation
     from vitslim.measure.macs import count_macs
-    from vitslim.patch import is_patched, patch
+    from vitslim.patch import is_patched
 
     torch.set_num_threads(args.threads)
     model, size = _loaded(args)
-    if args.method:
-        if is_patched(model.backbone):
-            raise VitslimError("this checkpoint's backbone is already patched: evaluate it without --method")
-        patch(model.backbone, args.method, macs=args.macs, **_options_for(args.method, args.option))
-    elif args.macs or args.option:
-        raise VitslimError("--macs and --option need --method")
+    if args.method and is_patched(model.backbone):
+        raise VitslimError("this checkpoint's backbone is already patched: evaluate it without --method")
+    _patch_as_asked(model.backbone, args)
     data = _folder(args, args.split, model.backbone, size, train=False)
     loader = torch.utils.data.DataLoader(_limited(data, args.limit), batch_size=args.batch_size)
     scores = evaluate_segmentation(model, loader, model.num_classes, progress=True)

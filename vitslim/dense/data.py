@@ -220,3 +220,17 @@ class PairedTransform:
         if self.flip and bool(torch.rand(()) < 0.5):
             x, y = x.flip(-1), y.flip(-1)
         return x.contiguous(), y.contiguous()
+
+
+def segmentation_split(root: str | os.PathLike, split: str, model: torch.nn.Module, size: Sequence[int], *,
+                       train: bool, **folder_options: Any) -> SegmentationFolder:
+    """``split`` of a segmentation folder at ``size``, normalised as ``model`` expects (its data config).
+
+    ``train`` picks the paired augmentation; ``folder_options`` go to ``SegmentationFolder`` (layout,
+    num_classes, void).
+    """
+    from vitslim.data import data_config
+
+    cfg = data_config(model)
+    transform = PairedTransform(size, train=train, mean=cfg["mean"], std=cfg["std"])
+    return SegmentationFolder(root, split, transform=transform, **folder_options)

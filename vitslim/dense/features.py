@@ -87,7 +87,11 @@ def _dense_features(model: nn.Module, images: Tensor, picked: list[int] | None, 
     if picked is not None:
         return model.forward_intermediates(images, indices=picked, norm=norm, output_fmt="NCHW",
                                            intermediates_only=True)
-    pe = model.patch_embed
-    grid = pe.dynamic_feat_size(tuple(images.shape[-2:])) if model.dynamic_img_size else pe.grid_size
     tokens = model.forward_features(images)[:, model.num_prefix_tokens:]
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *patch_grid(model, images))
+
+
+def patch_grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """The (H, W) patch grid ``model`` makes of ``images`` (their own size with ``dynamic_img_size``)."""
+    pe = model.patch_embed
+    return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])) if model.dynamic_img_size else pe.grid_size)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.data import IMAGE_MODES, build_transform, data_config, load_image
-from vitslim.dense.features import block_indices
+from vitslim.dense.features import block_indices, patch_grid
 from vitslim.errors import VitslimError
 from vitslim.io import atomic_write
 from vitslim.patch import check_input, check_supported, is_patched
@@ -77,9 +77,8 @@ def token_groups(model: nn.Module, images: Tensor, blocks: Sequence[int] | None 
     picked = default_blocks(depth) if blocks is None else block_indices(blocks, depth)
     batch = images.shape[0]
     if not is_patched(model):
-        pe = model.patch_embed
-        grid = pe.dynamic_feat_size(tuple(images.shape[-2:])) if model.dynamic_img_size else pe.grid_size
-        ids = init_source(batch, tuple(grid), model.num_prefix_tokens, images.device).view(batch, *grid)
+        grid = patch_grid(model, images)
+        ids = init_source(batch, grid, model.num_prefix_tokens, images.device).view(batch, *grid)
         return {i: ids.clone() for i in picked}
     found: dict[int, Tensor] = {}
 

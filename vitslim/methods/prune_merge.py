@@ -285,11 +285,40 @@ def merge_groups(merge: Tensor, num_prefix: int) -> Tensor:
 # 3. the block
 
 
-class PruneMergeBlock(Reducer):
+class TrainedMatrices(Reducer):
+    """A reducer holding trainable merge/reconstruct matrices: no weight decay on them unless ``decay_mr``."""
+
+    def __init__(self, decay_mr: bool):
+        super().__init__()
+        self.decay_mr = decay_mr
+
+    def param_options(self) -> dict[str, ParamOptions]:
+        """M and R: no weight decay unless ``decay_mr`` (the official code decays them)."""
+        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
+
+
+def apply_matrix(matrix: Tensor, x: Tensor) -> Tensor:
+    """``matrix @ x`` over the tokens, in the stream's dtype (under autocast the matmul gives bf16; the token
+    stream keeps its dtype, as in timm's blocks)."""
+    return torch.matmul(matrix.to(x.dtype), x).to(x.dtype)
+
+
+def merge_tokens(state: TokenState, merge: Tensor, group_size: Tensor) -> None:
+    """state.x <- M x (checked against the plan's token count), with the groups' sizes; the grid is gone."""
+    x = state.x
+    if x.shape[1] != merge.shape[1]:
+        raise VitslimError(f"this prune_merge plan is for {merge.shape[1]} tokens, the input has "
+                           f"{x.shape[1]}: run the model at the image size it was patched for")
+    state.x = apply_matrix(merge, x)
+    state.size = group_size.expand(x.shape[0], -1) if state.prop_attn else None
+    state.grid = None
+
+
+class PruneMergeBlock(TrainedMatrices):
     """Wraps one block: z = M x; the block runs on z; out = R z + (pruned tokens of x). Full grid in and out."""
 
     def __init__(self, merge: Tensor, centres: list[int], pruned: Tensor, score: Tensor, decay_mr: bool):
-        super().__init__()
+        super().__init__(decay_mr)
         self.merge = nn.Parameter(merge.float())
         self.reconstruct = nn.Parameter(pinv(merge).float())
         offset = merge.shape[1] - pruned.numel()  # the prefix tokens
@@ -299,11 +328,6 @@ class PruneMergeBlock(Reducer):
         self.register_buffer("score", score.float())  # the block's search score per patch (for inspection)
         self.register_buffer("centres", torch.tensor(centres, dtype=torch.long))  # patch indices (for inspection)
         self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
-        self.decay_mr = decay_mr
-
-    def param_options(self) -> dict[str, ParamOptions]:
-        """M and R: no weight decay unless ``decay_mr`` (the official code decays them)."""
-        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
 
     def plan(self) -> dict[str, Any]:
         """This block's centre and pruned patch indices."""
@@ -318,23 +342,16 @@ class PruneMergeBlock(Reducer):
 
     def before_block(self, state: TokenState) -> TokenState:
         """Keep the pruned tokens aside and merge the rest into the block's m tokens."""
-        x = state.x
-        if x.shape[1] != self.merge.shape[1]:
-            raise VitslimError(f"this prune_merge plan is for {self.merge.shape[1]} tokens, the input has "
-                               f"{x.shape[1]}: run the model at the image size it was patched for")
+        x, grid = state.x, state.grid
+        merge_tokens(state, self.merge, self.group_size)
         if self.pruned_index.numel():
             state.scratch["pm_bypass"] = x.index_select(1, self.pruned_index)
-        state.scratch["pm_grid"] = state.grid
-        # .to(x.dtype): under autocast the matmul gives bf16; the token stream keeps its dtype, as in timm's blocks
-        state.x = torch.matmul(self.merge.to(x.dtype), x).to(x.dtype)
-        state.size = self.group_size.expand(x.shape[0], -1) if state.prop_attn else None
-        state.grid = None
+        state.scratch["pm_grid"] = grid
         return state
 
     def after_block(self, state: TokenState) -> TokenState:
         """Reconstruct the full token grid and add back the pruned tokens."""
-        x = state.x
-        state.x = torch.matmul(self.reconstruct.to(x.dtype), x).to(x.dtype)  # the stream's dtype (autocast)
+        state.x = apply_matrix(self.reconstruct, state.x)
         if self.pruned_index.numel():
             bypass = state.scratch.pop("pm_bypass")
             state.x = state.x.to(bypass.dtype)  # the block's input dtype, should the block have changed it
@@ -351,52 +368,35 @@ class PruneMergeBlock(Reducer):
         return merge_groups(self.merge, offset).index_fill(0, self.pruned_index - offset, -1)
 
 
-class SpanMerge(Reducer):
+class SpanMerge(TrainedMatrices):
     """The span variant's first block: z = M x before it; the next blocks run on the m merged tokens."""
 
     def __init__(self, merge: Tensor, decay_mr: bool):
-        super().__init__()
+        super().__init__(decay_mr)
         self.merge = nn.Parameter(merge.float())
         self.register_buffer("group_size", (merge != 0).sum(1).clamp_min(1).float())
-        self.decay_mr = decay_mr
-
-    def param_options(self) -> dict[str, ParamOptions]:
-        """M: no weight decay unless ``decay_mr``."""
-        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
 
     def before_block(self, state: TokenState) -> TokenState:
         """Merge the full token grid into the span's m tokens."""
-        x = state.x
-        if x.shape[1] != self.merge.shape[1]:
-            raise VitslimError(f"this prune_merge plan is for {self.merge.shape[1]} tokens, the input has "
-                               f"{x.shape[1]}: run the model at the image size it was patched for")
-        state.x = torch.matmul(self.merge.to(x.dtype), x).to(x.dtype)
-        state.size = self.group_size.expand(x.shape[0], -1) if state.prop_attn else None
-        state.grid = None
+        merge_tokens(state, self.merge, self.group_size)
         if state.source is not None:
-            state.source = merge_groups(self.merge, state.num_prefix).expand(x.shape[0], -1)
+            state.source = merge_groups(self.merge, state.num_prefix).expand(state.x.shape[0], -1)
         return state
 
 
-class SpanReconstruct(Reducer):
+class SpanReconstruct(TrainedMatrices):
     """The span variant's last block: out = R z after it, the full token grid again."""
 
     def __init__(self, reconstruct: Tensor, decay_mr: bool):
-        super().__init__()
+        super().__init__(decay_mr)
         self.reconstruct = nn.Parameter(reconstruct.float())
-        self.decay_mr = decay_mr
-
-    def param_options(self) -> dict[str, ParamOptions]:
-        """R: no weight decay unless ``decay_mr``."""
-        return {} if self.decay_mr else {"": ParamOptions(weight_decay="none")}
 
     def after_block(self, state: TokenState) -> TokenState:
         """Expand the m tokens back to every patch."""
-        x = state.x
-        state.x = torch.matmul(self.reconstruct.to(x.dtype), x).to(x.dtype)
+        state.x = apply_matrix(self.reconstruct, state.x)
         state.size, state.grid = None, state.grid0
         if state.source is not None:
-            state.source = init_source(x.shape[0], state.grid0, state.num_prefix, x.device)
+            state.source = init_source(state.x.shape[0], state.grid0, state.num_prefix, state.x.device)
         return state
 
 

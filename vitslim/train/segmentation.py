@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitslim.data import data_config
-from vitslim.dense.data import IGNORE, PairedTransform, SegmentationFolder
+from vitslim.dense.data import IGNORE, segmentation_split
 from vitslim.dense.heads import SegmentationModel, build_head
 from vitslim.dense.metrics import confusion
 from vitslim.errors import VitslimError
@@ -72,9 +71,8 @@ class SegmentationTask(Task):
             return data
         if self.size is None:
             raise VitslimError("SegmentationTask(size=(H, W)) is needed to read a segmentation folder")
-        cfg = data_config(self.backbone(model))
-        transform = PairedTransform(self.size, train=config is not None, mean=cfg["mean"], std=cfg["std"])
-        return SegmentationFolder(data, split, num_classes=self.num_classes, transform=transform)
+        return segmentation_split(data, split, self.backbone(model), self.size, train=config is not None,
+                                  num_classes=self.num_classes)
 
     def mixup(self, config: TrainConfig, world: int, model: nn.Module):
         """None: mixup and cutmix blend whole-image labels, which masks cannot follow."""
@@ -139,9 +137,14 @@ def load_segmentation(path: str | os.PathLike, *, backbone: nn.Module | None = N
 
     ``backbone``: the unpatched ViT to fill, for a model built by hand (its checkpoint records no architecture).
     """
-    payload = read_checkpoint(path)
+    return segmentation_from_payload(read_checkpoint(path), backbone=backbone, source=str(path))
+
+
+def segmentation_from_payload(payload: dict[str, Any], *, backbone: nn.Module | None = None,
+                              source: str = "the checkpoint") -> SegmentationModel:
+    """``load_segmentation`` on a checkpoint already read (``read_checkpoint``)."""
     if "head" not in payload:
-        raise VitslimError(f"{path} is not a segmentation checkpoint (it has no head): train one with "
+        raise VitslimError(f"{source} is not a segmentation checkpoint (it has no head): train one with "
                            "`vitslim segment train`")
     weights = payload["model"]
     backbone_payload = {**payload, "model": {k[len("backbone."):]: v for k, v in weights.items()
