@@ -5,7 +5,8 @@
     vitslim eval      top-1/top-5 of a (patched) model on a dataset
     vitslim train     fine-tune a (patched) model, with distillation from the dense model;
                       many processes: torchrun --nproc_per_node N -m vitslim train ...
-    vitslim export    slice a CDCP/CAIT checkpoint into a smaller plain model (safetensors)
+    vitslim export    any model, patched or trained, to one file: safetensors (vitslim.export.load) or
+                      ONNX (checked in onnxruntime); channel masks sliced, training-only modules left out
     vitslim calibrate Prune-and-Merge's scoring pass on data: saves the scores and prints the plan
                       (then: --method prune_merge --option scores=FILE)
     vitslim segment   semantic segmentation: train | eval | compare (vitslim segment --help)
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any, Sequence
@@ -46,7 +48,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="extra method option, e.g. evit.keep_order=False (repeatable)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for throughput (default 32)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per model, median reported (>= 5)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime"],
+                   help="how every model runs, dense too: eager PyTorch (default), torch.compile, or exported "
+                        "to ONNX and run by onnxruntime (pip install 'vitslim[onnx]')")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="fp32 (default); bf16 weights and activations; int8 dynamic quantisation of the Linear "
+                        "layers (eager: torch.ao; onnxruntime: its own)")
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
                    help="tuned (default): keep freed buffers in the heap while timing (docs/measurement.md)")
     p.add_argument("--out", default="vitslim-out", help="folder for the JSON / markdown / PNG report")
@@ -102,9 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--image-size", type=_size, metavar="HxW",
                      help="input size instead of the model's (non-square needs a dynamic_img_size model)")
     vis.add_argument("--out", default="visualize", help="folder for the PNGs (default visualize)")
-    exp = sub.add_parser("export", help="slice a CDCP/CAIT training checkpoint into a smaller model (safetensors)")
-    exp.add_argument("checkpoint", help="a vitslim training checkpoint (e.g. OUT/last.pt) patched with cdcp or cait")
-    exp.add_argument("--out", required=True, help="the .safetensors file to write (vitslim.export.load reads it)")
+    exp = sub.add_parser("export", help="any model (a training checkpoint, or --model patched with --method) to "
+                                        "one safetensors or ONNX file")
+    exp.add_argument("source", nargs="?", help="a vitslim training checkpoint (e.g. OUT/last.pt), patched as trained; "
+                                               "or give --model (and --method) instead")
+    _add_model_args(exp)
+    exp.add_argument("--method", help="patch --model with this method first")
+    exp.add_argument("--macs", type=float, help="MACs budget for --method")
+    exp.add_argument("--option", type=_option, action="append", default=[],
+                     help="method option key=value (repeatable)")
+    exp.add_argument("--format", default=None, choices=["safetensors", "onnx"],
+                     help="default: from --out's suffix (.onnx or .safetensors)")
+    exp.add_argument("--input-size", type=_ints, metavar="C,H,W",
+                     help="ONNX: the input size the graph is fixed to (default the model's)")
+    exp.add_argument("--batch", default="dynamic", help="ONNX: a fixed batch size, or 'dynamic' (default)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                     help="safetensors: fp32 or bf16 weights; ONNX: fp32 or int8 (onnxruntime dynamic quantisation)")
+    exp.add_argument("--out", required=True, help="the file to write (vitslim.export.load / onnxruntime read it)")
     return parser
 
 
@@ -146,9 +167,10 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     loader = _loader(args, model) if with_data else None
     if with_data and loader is None:
         print("vitslim: no --data for this model: measuring speed only", file=sys.stderr)
+    runner, runtime = _runner(args, model)
     result = run_compare(model, methods, args.budgets, loader=loader, batch_size=args.batch_size,
-                         runs=args.runs, threads=args.threads, precision=args.precision, allocator=args.allocator,
-                         options=_method_options(args, methods))
+                         runs=args.runs, threads=args.threads, allocator=args.allocator,
+                         options=_method_options(args, methods), runner=runner, runtime=runtime)
     name = args.name or ("compare" if with_data else "bench")
     command = _command(args)
     title = f"vitslim {name}: {args.model}"
@@ -156,6 +178,23 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     print(format_table(result["rows"]))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _runner(args: argparse.Namespace, model) -> tuple[Any, dict[str, str] | None]:
+    """How every model is run (--backend, --precision): a runtime builder, or None for eager fp32."""
+    from vitslim.export.inference import check_runtime
+    from vitslim.export.runtime import runtime
+
+    check_runtime(args.backend, args.precision)
+    if args.backend == "eager" and args.precision == "fp32":
+        return None, None
+    if args.backend == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise VitslimError("--backend onnxruntime needs onnxruntime: pip install 'vitslim[onnx]'")
+    return (functools.partial(runtime, backend=args.backend, precision=args.precision, threads=args.threads),
+            {"backend": args.backend, "precision": args.precision})
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -173,16 +212,43 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vitslim.export.channels import save, slim
-    from vitslim.train.checkpoint import load
+    from vitslim.export.files import save
+    from vitslim.export.inference import deployable
+    from vitslim.export.onnx import to_onnx
 
-    model = load(args.checkpoint)
-    slimmed = slim(model)
-    save(slimmed, args.out)
-    params = sum(p.numel() for p in slimmed.parameters()) / 1e6
-    print(f"wrote {args.out}: {params:.2f} M parameters, {count_macs(slimmed) / 1e9:.4f} GMACs "
-          f"(per-block [head dim, MLP hidden]: {slimmed.vitslim_channels})")
+    if args.source and args.checkpoint:
+        raise VitslimError("give the training checkpoint either as SOURCE or as --checkpoint, not both")
+    model = _load(argparse.Namespace(**{**vars(args), "checkpoint": args.source or args.checkpoint}))
+    _patch_as_asked(model, args)
+    fmt = args.format or ("onnx" if args.out.lower().endswith(".onnx") else "safetensors")
+    if fmt == "onnx":
+        batch = args.batch if args.batch == "dynamic" else _positive_int(args.batch, "--batch")
+        size = tuple(args.input_size) if args.input_size else None
+        if size is not None and len(size) != 3:
+            raise VitslimError(f"--input-size takes C,H,W, e.g. 3,224,224; got {args.input_size}")
+        path = to_onnx(model, args.out, input_size=size, batch=batch, precision=args.precision)
+        what = "checked in onnxruntime against PyTorch"
+    else:
+        if args.input_size or args.batch != "dynamic":
+            raise VitslimError("--input-size and --batch are for --format onnx")
+        save(model, args.out, precision=args.precision)
+        path, what = args.out, f"{args.precision} weights"
+    inference = deployable(model)
+    params = sum(p.numel() for p in inference.parameters()) / 1e6
+    method = describe(model)["method"]
+    print(f"wrote {path} ({fmt}, {method}, {what}): {params:.2f} M parameters, "
+          f"{count_macs(inference) / 1e9:.4f} GMACs per image")
     return 0
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise VitslimError(f"{flag} takes a whole number >= 1 or 'dynamic', got {text!r}")
+    return value
 
 
 def _run_train(args: argparse.Namespace) -> int:

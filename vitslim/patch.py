@@ -189,6 +189,7 @@ def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_at
     unpatch(model)
     reducers = method.reducers()
     model.vitslim_reducers = nn.ModuleDict({str(i): r for i, r in sorted(reducers.items())})
+    model.vitslim_reducers.train(model.training)  # patching an eval model must not leave training-mode reducers
     model._vitslim_plan = [reducers.get(i) for i in range(len(model.blocks))]
     model.vitslim_config = {
         "method": method_name,

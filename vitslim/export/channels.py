@@ -1,4 +1,4 @@
-"""Structural export: CDCP masks -> smaller Linear layers of a stock timm ViT; safetensors save/load.
+"""Structural slicing: CDCP masks -> smaller Linear layers of a stock timm ViT.
 
 ``slim(model)`` returns a copy of a CDCP- or CAIT-patched model whose blocks physically hold only
 the kept channels (CAIT-style, vitslim reconstruction; docs/methods/cdcp.md, "Export"):
@@ -10,27 +10,19 @@ the kept channels (CAIT-style, vitslim reconstruction; docs/methods/cdcp.md, "Ex
 - a CDCP model becomes a plain timm ``VisionTransformer`` of stock classes; a CAIT model stays
   patched with its ATME part only (method "atme", same schedule).
 
-``save(model, path)`` writes the weights and, in the safetensors header, a JSON ``vitslim`` entry
-(architecture spec, per-block [head dim, MLP hidden], token method and options); ``load(path)``
-rebuilds the model from it.
+``vitslim.export.save`` writes any model, sliced by this module where it has channel masks.
 """
 from __future__ import annotations
 
 import copy
-import json
-import os
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vitslim._version import __version__
 from vitslim.errors import VitslimError
-from vitslim.io import atomic_write, load_state_strict
-from vitslim.models import build_from_spec, model_spec
+from vitslim.models import model_spec
 from vitslim.patch import is_patched, patch, unpatch
 
-FORMAT = "vitslim-slim"
 CHANNEL_METHODS = ("cdcp", "cait")
 
 
@@ -109,61 +101,3 @@ def slim(model: nn.Module) -> nn.Module:
         patch(model, "atme", prop_attn=cfg["prop_attn"], schedule=cfg["options"]["schedule"])
         model.vitslim_config["macs_target"] = cfg["macs_target"]
     return model
-
-
-def metadata(model: nn.Module) -> dict[str, Any]:
-    """What load() needs besides the weights: architecture spec, channels, token method."""
-
-    spec = model_spec(model)
-    if spec is None:
-        raise VitslimError("this model does not record its architecture (built by hand?): create it with "
-                           "timm.create_model or vitslim's loaders so save() can describe it")
-    cfg = model.vitslim_config if is_patched(model) else {}
-    if cfg.get("method") in CHANNEL_METHODS:
-        raise VitslimError(f"the model is still patched with {cfg['method']} masks: save(slim(model)) exports the "
-                           "smaller model")
-    return {"format": FORMAT, "spec": spec, "channels": channel_counts(model), "method": cfg.get("method"),
-            "options": cfg.get("options", {}), "prop_attn": cfg.get("prop_attn"),
-            "macs_target": cfg.get("macs_target"), "vitslim_version": __version__}
-
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a (sliced) model to a safetensors file with its rebuild metadata in the header."""
-    from pathlib import Path
-
-    from safetensors.torch import save as to_bytes
-
-
-    meta = metadata(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, to_bytes(state, metadata={"vitslim": json.dumps(meta)}))  # never half a file
-
-
-def load(path: str | os.PathLike) -> nn.Module:
-    """A model written by save(), rebuilt (sliced shapes, token method) and in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-
-    if not os.path.isfile(path):
-        raise VitslimError(f"{path} not found: write one with vitslim.export.save(slim(model), path) or "
-                           "`vitslim export CHECKPOINT --out PATH`")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("vitslim")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise VitslimError(f"cannot read {path} as safetensors ({exc}): is the file complete?") from None
-    if header is None:
-        raise VitslimError(f"{path} has no vitslim metadata: it was not written by vitslim.export.save")
-    meta = json.loads(header)
-    model = build_from_spec(meta["spec"])
-    for blk, (head_dim, hidden) in zip(model.blocks, meta["channels"]):
-        resize_block(blk, head_dim, hidden)
-    model.vitslim_channels = meta["channels"]
-    if meta.get("method"):
-        patch(model, meta["method"], prop_attn=meta.get("prop_attn"), **meta["options"])
-        model.vitslim_config["macs_target"] = meta.get("macs_target")
-    load_state_strict(model, load_file(os.fspath(path)))
-    return model.eval()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import timm
 import torch
@@ -20,6 +20,10 @@ from vitslim.patch import describe, is_patched, patch, unpatch
 # Prebuilt models for run_compare: {name: model}, {name: (model, row info)} or [(name, model, row info)]
 Prebuilt = Union[Mapping[str, Union[nn.Module, tuple[nn.Module, dict]]], Sequence[tuple[str, nn.Module, dict]]]
 
+IDEAL = ":ideal"  # suffix of an ideal's name among the timed models
+# how a model is run for timing and accuracy (e.g. vitslim.export.runtime with a backend and precision)
+Runner = Callable[[nn.Module], nn.Module]
+
 SPEED_PROTOCOL = ("round-robin timed runs in one process (each model beside its ideal); img/s from the median "
                   "time; speed-up and measured/ideal are medians of per-round paired ratios; ideal = dense "
                   "blocks on the same token counts")
@@ -29,6 +33,7 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
                 loader: Iterable | None = None, batch_size: int = 32, runs: int = 5, warmup: int = 2,
                 threads: int | None = 2, precision: str = "fp32", allocator: str = "tuned",
                 options: dict[str, dict] | None = None, models: Prebuilt | None = None,
+                runner: Runner | None = None, runtime: dict[str, Any] | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Patch a copy of ``model`` per (method, budget), then measure all of them against dense.
 
@@ -36,17 +41,36 @@ def run_compare(model: nn.Module, methods: Sequence[str], budgets: Sequence[floa
     measured as it is, in a row named "METHOD (as loaded)", beside its unpatched weights as dense.
     ``models`` adds prebuilt models (e.g. exported, sliced ones) measured the same way, each beside
     its ideal: ``{"cdcp@0.5 (exported)": slim}`` or ``[(name, model, extra row fields)]``.
+    ``runner`` turns every model (and every ideal) into the form that is timed and evaluated, e.g.
+    ``functools.partial(vitslim.export.runtime, backend="compile")``; ``runtime`` describes it
+    for the protocol (e.g. ``{"backend": "compile", "precision": "fp32"}``). MACs are counted on
+    the models themselves.
     """
     check_timing(batch_size, runs, warmup, precision, allocator)  # before the slow patching
     dense, configs, rows = build_configs(model, methods, budgets, options or {}, progress)
     add_prebuilt(configs, rows, models)
     count_row_macs(rows, configs.values(), count_macs(dense))
-    speeds = time_rows(rows, configs, batch_size=batch_size, runs=runs, warmup=warmup, threads=threads,
+    running = run_forms(configs, runner, progress)
+    speeds = time_rows(rows, running, batch_size=batch_size, runs=runs, warmup=warmup, threads=threads,
                        precision=precision, allocator=allocator, progress=progress)
     if loader is not None:
-        evaluate_rows(rows, configs.values(), loader, threads=threads, progress=progress)
+        evaluate_rows(rows, [m for name, m in running.items() if not name.endswith(IDEAL)], loader,
+                      threads=threads, progress=progress)
     return {"protocol": protocol(dense, speeds["dense"], batch_size=batch_size, runs=runs, warmup=warmup,
-                                 precision=precision), "rows": rows}
+                                 precision=precision, runtime=runtime), "rows": rows}
+
+
+def run_forms(configs: Mapping[str, nn.Module], runner: Runner | None = None,
+              progress: bool = False) -> dict[str, nn.Module]:
+    """Every model and, after each patched one, its ideal (``NAME:ideal``), each through ``runner`` if given."""
+    running: dict[str, nn.Module] = {}
+    for name, m in tqdm(list(configs.items()), desc="preparing runtimes", disable=not progress or runner is None,
+                        leave=False):
+        running[name] = runner(m) if runner is not None else m
+        if name != "dense":
+            ideal = ideal_model(m)
+            running[name + IDEAL] = runner(ideal) if runner is not None else ideal
+    return running
 
 
 def _row(method: str, model: nn.Module, info: dict | None = None) -> dict[str, Any]:
@@ -113,20 +137,20 @@ def count_row_macs(rows: list[dict[str, Any]], models: Iterable[nn.Module], dens
 
 def time_rows(rows: list[dict[str, Any]], configs: Mapping[str, nn.Module], *, batch_size: int,
               **timing: Any) -> dict[str, dict]:
-    """Time every model beside its ideal; fill img/s, p90, speed-up, ideal speed-up and measured/ideal."""
-    timed: dict[str, nn.Module] = {}
-    for name, m in configs.items():  # each model next to its ideal: paired rounds cancel drift
-        timed[name] = m
-        if name != "dense":
-            timed[name + ":ideal"] = ideal_model(m)
-    speeds = compare_speed(timed, batch_size, **timing)
+    """Time every model beside its ideal; fill img/s, p90, speed-up, ideal speed-up and measured/ideal.
+
+    ``configs`` holds the models, or already the output of ``run_forms`` (models with their ideals).
+    """
+    timed = dict(configs) if any(name.endswith(IDEAL) for name in configs) else run_forms(configs)
+    speeds = compare_speed(timed, batch_size, **timing)  # each model next to its ideal: paired rounds cancel drift
     dense = speeds["dense"]
-    for row, name in zip(rows, configs):
+    names = [name for name in timed if not name.endswith(IDEAL)]
+    for row, name in zip(rows, names):
         row["images_per_s"] = speeds[name]["images_per_s"]
         row["p90_ms"] = speeds[name]["p90_ms"]
         row["speedup"] = paired_ratio(dense, speeds[name])
         if name != "dense":
-            ideal = speeds[name + ":ideal"]
+            ideal = speeds[name + IDEAL]
             row["ideal_speedup"] = paired_ratio(dense, ideal)
             row["measured_over_ideal"] = paired_ratio(ideal, speeds[name])
     return speeds
@@ -143,11 +167,13 @@ def evaluate_rows(rows: list[dict[str, Any]], models: Iterable[nn.Module], loade
 
 
 def protocol(dense: nn.Module, dense_speed: dict[str, Any], *, batch_size: int, runs: int, warmup: int,
-             precision: str) -> dict[str, Any]:
-    """How the numbers were measured: input, timing settings, versions and machine."""
+             precision: str, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How the numbers were measured: input, timing settings, versions and machine (and the runtime, if any)."""
+    runtime = runtime or {"backend": "eager", "precision": precision}
     return {
         "input_size": list(default_input_size(dense)), "batch_size": batch_size, "runs": runs,
-        "warmup": warmup, "threads": dense_speed["threads"], "precision": precision,
+        "warmup": warmup, "threads": dense_speed["threads"], "precision": runtime.get("precision", precision),
+        "backend": runtime.get("backend", "eager"),
         "allocator": dense_speed["allocator"],
         "fused_attn": bool(dense.blocks[0].attn.fused_attn), "torch": torch.__version__,
         "timm": timm.__version__, "vitslim": __version__, "cpu": platform.processor() or platform.machine(),

@@ -143,25 +143,40 @@ def _family(model: nn.Module) -> tuple[str, ...]:
     return tuple(family)
 
 
-@functools.lru_cache(maxsize=64)
-def _merge_plan(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Constant index tensors of one merge: sources, their two anchors (new indices), anchor map."""
+def _merge_plan_tensors(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, ...]:
+    """Constant index tensors of one merge: sources, their two anchors (new indices), anchor map.
+
+    Static slicing and arithmetic only (no boolean-mask indexing), so it also traces into a
+    compiled or exported graph with fixed shapes.
+    """
     h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    nh, nw = merged_grid(grid, axis)
+    # each anchor's index in the new raster-order grid
+    new_index = (rows * nw + cols // 2) if axis == "W" else ((rows // 2) * nw + cols)
+    lines = w if axis == "W" else h
+    step = 1 if axis == "W" else w  # flat offset to the next line along the axis
+    flat = torch.arange(h * w, device=device).view(h, w)
+    odd = (slice(None), slice(1, None, 2)) if axis == "W" else (slice(1, None, 2), slice(None))
+    src = flat[odd].reshape(-1)  # sources: odd lines along the axis, raster order
+    has_next = ((cols if axis == "W" else rows)[odd].reshape(-1) + 1) < lines
+    prev_flat, next_flat = src - step, torch.where(has_next, src + step, src - step)
+    dest = new_index.reshape(-1)  # anchors map to themselves; sources filled per image
+    return src, prev_flat, next_flat, has_next, dest
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_merge_plan(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, ...]:
+    # built outside inference mode so the cached indices also serve training forwards
     with torch.inference_mode(False), torch.no_grad():
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        line = cols if axis == "W" else rows
-        nh, nw = merged_grid(grid, axis)
-        # each anchor's index in the new raster-order grid
-        new_index = (rows * nw + cols // 2) if axis == "W" else ((rows // 2) * nw + cols)
-        lines = w if axis == "W" else h
-        step = 1 if axis == "W" else w  # flat offset to the next line along the axis
-        flat = torch.arange(h * w)
-        src = flat[(line % 2 == 1).reshape(-1)]
-        has_next = (line.reshape(-1)[src] + 1) < lines
-        prev_flat, next_flat = src - step, torch.where(has_next, src + step, src - step)
-        dest = new_index.reshape(-1).clone()  # anchors map to themselves; sources filled per image
-        plan = (src, prev_flat, next_flat, has_next, dest)
-        return tuple(t.to(device) for t in plan)
+        return _merge_plan_tensors(grid, axis, device)
+
+
+def _merge_plan(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, ...]:
+    """The merge's index tensors: cached in eager mode, traced as constants under torch.compile / export."""
+    if torch.compiler.is_compiling():
+        return _merge_plan_tensors(grid, axis, device)
+    return _cached_merge_plan(grid, axis, device)
 
 
 def merge_neighbours(state: TokenState, keys: Tensor, axis: str) -> TokenState:
