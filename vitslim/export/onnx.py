@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -96,9 +97,11 @@ def _export_proto(model: nn.Module, example: Tensor, dynamic: bool) -> bytes:
     with warnings.catch_warnings(), contextlib.redirect_stdout(log):
         warnings.simplefilter("ignore")  # the exporter's advice is for its own developers
         try:
-            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        opset_version=OPSET, external_data=False, optimize=True,
-                                        input_names=["images"], output_names=["logits"])
+            # strict (dynamo) tracing: the non-strict tracer would run the Python of the forward and
+            # fill the tokens' lru caches with traced tensors, which later eager calls would read
+            exported = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes, strict=True)
+            program = torch.onnx.export(exported, dynamo=True, opset_version=OPSET, external_data=False,
+                                        optimize=True, input_names=["images"], output_names=["logits"])
         except VitslimError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch.export raises many types; say which model failed
@@ -126,9 +129,15 @@ def _quantize_int8(proto: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = pathlib.Path(tmp, "fp32.onnx"), pathlib.Path(tmp, "int8.onnx")
         src.write_bytes(graph.SerializeToString())
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        quiet = logging.getLogger()  # the quantiser logs advice through the root logger
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        finally:
+            quiet.setLevel(level)
         return dst.read_bytes()
 
 
