@@ -34,7 +34,7 @@ EXERCISED = {
     "finetune_cifar10.sh": "second_queue", "foundation.sh": "second_queue", "speed.sh": "second_queue",
     "speed.py": "second_queue", "tome_overhead.py": "second_queue", "cait_speed.py": "test_recorded_python_commands_run",
     "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
-    "segment_camvid.py": "test_recorded_python_commands_run",
+    "segment_camvid.py": "test_recorded_python_commands_run", "deploy.py": "test_recorded_python_commands_run",
 }
 
 
