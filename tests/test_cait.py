@@ -128,6 +128,37 @@ def test_cdcp_straight_through_gradient_reaches_the_scores():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_cdcp_eval_plan_is_cached_until_the_masks_change():
+    model = vitslim.patch(_vit(), "cdcp", keep_rate=0.5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    r = model.vitslim_reducers["0"]
+    with torch.inference_mode():
+        model(x)
+        first = r.channel_plan()
+        model(x)
+        again = r.channel_plan()
+    assert first.qkv_index is not None and first.mlp_index is not None
+    assert all(a is b for a, b in zip(first, again))  # no nonzero() per forward
+    # reselect at other counts: a new plan, equal to a freshly built model's
+    for block in _masks(model):
+        block.counts.copy_(torch.tensor([8, 64]))
+        block.reselect()
+    fresh = vitslim.patch(_vit(), "cdcp", keep_rate=0.5).eval()
+    for block in _masks(fresh):
+        block.counts.copy_(torch.tensor([8, 64]))
+        block.reselect()
+    with torch.no_grad():
+        assert r.channel_plan().mlp_index.numel() == 64
+        assert torch.equal(model(x), fresh(x))
+        # load another model's state (other counts and masks): the cached plan follows it
+        other = vitslim.patch(_vit(), "cdcp", keep_rate=0.7).eval()
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(model(x), other(x))
+        model.train()  # training's straight-through masks, then eval again: still the loaded masks
+        model.eval()
+        assert torch.equal(model(x), other(x))
+
+
 def test_cdcp_progress_hook_ramps_then_freezes_the_masks():
     model = vitslim.patch(_vit(), "cdcp", keep_rate=0.5).train()
     modules = model  # the engine tells every reducer (Reducer.set_progress)

@@ -253,6 +253,7 @@ class ChannelBlock(Reducer):
         self.group: list[ChannelBlock] = []  # set on the first block: every block, for global re-allocation
         self.keep_rate = 1.0
         self._last_alloc: int | None = None
+        self._eval_plan: tuple[tuple[Any, ...], ChannelPlan] | None = None  # (mask_state(), plan)
 
     @torch.no_grad()
     def reselect(self) -> None:
@@ -294,6 +295,21 @@ class ChannelBlock(Reducer):
                 m_qk, m_v, m_mlp = self.mask_qk, self.mask_v, self.mask_mlp
             qkv = torch.stack([m_qk, m_qk, m_v])[:, None, :].expand(3, self.num_heads, self.head_dim).reshape(-1)
             return ChannelPlan(qkv_mask=qkv, mlp_mask=m_mlp)
+        key = self._mask_state()
+        if self._eval_plan is None or self._eval_plan[0] != key:
+            # built outside inference mode: the indices are saved for backward by an eval pass with gradients
+            with torch.inference_mode(False), torch.no_grad():
+                self._eval_plan = (key, self._index_plan())
+        return self._eval_plan[1]
+
+    def _mask_state(self) -> tuple[Any, ...]:
+        """What the eval plan depends on: every in-place change (reselect, set_progress, load_state_dict's copy_)
+        bumps a buffer's version, and .to() makes new buffers on another device or at another address."""
+        buffers = (self.mask_qk, self.mask_v, self.mask_mlp, self.counts)
+        return (self.mask_qk.device, *((t._version, t.data_ptr()) for t in buffers))
+
+    def _index_plan(self) -> ChannelPlan:
+        """The kept channels' indices from the masks (None where all are kept)."""
         kh, km = self.counts.tolist()
         qkv_index = v_index = mlp_index = None
         if kh < self.head_dim:
