@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shlex
 import sys
 
 import smoke  # benchmarks/smoke.py, beside this file
-import speed  # benchmarks/speed.py: build_models, method_options
+import speed  # benchmarks/speed.py: build_models, method_options, timing_plan, run_script
 import vitslim  # noqa: F401  (before timm)
 import torch
 
-from vitslim.errors import VitslimError
 from vitslim.export.inference import check_runtime
 from vitslim.export.runtime import runtime
 from vitslim.io import atomic_write
@@ -99,13 +97,8 @@ def measure(args: argparse.Namespace, command: str) -> int:
     """Build the models, time every (runtime, batch) not yet reported, then write the summary."""
     methods = [m for m in args.methods.split(",") if m]
     runtimes = parse_runtimes(args.runtimes)
-    runs = args.runs * len(args.batch_sizes) if len(args.runs) == 1 else args.runs
-    if len(runs) != len(args.batch_sizes):
-        raise VitslimError(f"--runs takes one count or one per batch size ({len(args.batch_sizes)})")
-    batches, budgets, warmup, threads = args.batch_sizes, args.budgets, args.warmup, args.threads
-    if smoke.ENABLED:  # the same code on tiny inputs: see smoke.py
-        batches, runs = [min(b, smoke.BATCH) for b in batches], [smoke.RUNS] * len(runs)
-        budgets, warmup, threads = budgets[:1], smoke.WARMUP, smoke.THREADS
+    batches, runs, budgets, warmup, threads = speed.timing_plan(args)
+    if smoke.ENABLED:
         methods = methods[:2]  # compiling and exporting every method would make the smoke run minutes long
     for batch, batch_runs in zip(batches, runs):
         check_timing(batch, batch_runs, warmup)
@@ -160,13 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure and write the reports."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    try:
-        return measure(args, "python benchmarks/deploy.py " + shlex.join(argv))
-    except VitslimError as exc:
-        print(f"deploy.py: error: {exc}", file=sys.stderr)
-        return 2
+    return speed.run_script("deploy.py", build_parser(), measure, argv)
 
 
 if __name__ == "__main__":

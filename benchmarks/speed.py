@@ -98,20 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure and write one report per batch size."""
+def run_script(script: str, parser: argparse.ArgumentParser, work, argv: list[str] | None) -> int:
+    """Parse ``argv``, run ``work(args, command)`` with the command line recorded; 2 on a VitslimError."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
-        return measure(args, "python benchmarks/speed.py " + shlex.join(argv))
+        return work(args, f"python benchmarks/{script} " + shlex.join(argv))
     except VitslimError as exc:
-        print(f"speed.py: error: {exc}", file=sys.stderr)
+        print(f"{script}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def measure(args: argparse.Namespace, command: str) -> int:
-    """The driver's work, for parsed arguments; ``command`` is recorded in each report."""
-    methods = [m for m in args.methods.split(",") if m]
+def timing_plan(args: argparse.Namespace) -> tuple[list[int], list[int], list[float], int, int]:
+    """Batch sizes, runs per batch size, budgets, warm-up and threads (smoke mode: the tiny ones)."""
     runs = args.runs * len(args.batch_sizes) if len(args.runs) == 1 else args.runs
     if len(runs) != len(args.batch_sizes):
         raise VitslimError(f"--runs takes one count or one per batch size ({len(args.batch_sizes)})")
@@ -119,6 +118,18 @@ def measure(args: argparse.Namespace, command: str) -> int:
     if smoke.ENABLED:  # the same code on tiny inputs: see smoke.py
         batches, runs = [min(b, smoke.BATCH) for b in batches], [smoke.RUNS] * len(runs)
         budgets, warmup, threads = budgets[:1], smoke.WARMUP, smoke.THREADS
+    return batches, runs, budgets, warmup, threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and write one report per batch size."""
+    return run_script("speed.py", build_parser(), measure, argv)
+
+
+def measure(args: argparse.Namespace, command: str) -> int:
+    """The driver's work, for parsed arguments; ``command`` is recorded in each report."""
+    methods = [m for m in args.methods.split(",") if m]
+    batches, runs, budgets, warmup, threads = timing_plan(args)
     for batch, batch_runs in zip(batches, runs):  # before the slow patching
         check_timing(batch, batch_runs, warmup, args.precision, args.allocator)
     out = smoke.results_dir(args.out)

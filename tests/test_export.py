@@ -137,36 +137,28 @@ def test_files_that_are_not_vitslim_exports(tmp_path):
         export.save(_vit(), tmp_path / "x.safetensors", precision="int8")
 
 
-def _compile_counts() -> tuple[int, int]:
+def _compile_and_count(method: str, batches: tuple[int, ...]) -> tuple[int, int]:
+    """Compile the patched model, check it against eager at each batch: (graph breaks, graphs compiled)."""
+    model = _patched(method)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = runtime(model, "compile")
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, 3, 32, 32)
+            assert _max_diff(compiled(x), model(x)) <= 1e-4
     counters = torch._dynamo.utils.counters
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
 @pytest.mark.parametrize("method", ["dense", *ALL])
 def test_compiled_equals_eager_one_graph_no_breaks(method):
-    model = _patched(method)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = runtime(model, "compile")
-    with torch.inference_mode():
-        for batch in (2, 5):
-            x = torch.randn(batch, 3, 32, 32)
-            assert _max_diff(compiled(x), model(x)) <= 1e-4
-    assert _compile_counts() == (0, 1), dict(torch._dynamo.utils.counters["graph_break"])  # one graph for both
+    assert _compile_and_count(method, (2, 5)) == (0, 1)  # one graph for both batch sizes
 
 
-@pytest.mark.parametrize("method", ["tome"])
-def test_compiled_batch_one_compiles_once_more(method):
+def test_compiled_batch_one_compiles_once_more():
     """Dynamo specialises size-1 dimensions: batch 1 gets one graph of its own, then every batch reuses one."""
-    model = _patched(method)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = runtime(model, "compile")
-    with torch.inference_mode():
-        for batch in (1, 4, 1, 3):
-            x = torch.randn(batch, 3, 32, 32)
-            assert _max_diff(compiled(x), model(x)) <= 1e-4
-    assert _compile_counts() == (0, 2)
+    assert _compile_and_count("tome", (1, 4, 1, 3)) == (0, 2)
 
 
 @pytest.mark.parametrize("method", ["tome", "prune_merge", "cait"])

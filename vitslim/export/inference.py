@@ -19,7 +19,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from vitslim.errors import VitslimError
 from vitslim.export.channels import CHANNEL_METHODS, slim
