@@ -48,7 +48,36 @@ def test_eval_a_patched_default_model(capsys):
     assert 50 < top1 <= 100 and "on 360 images" in line
 
 
+def test_export_any_method_then_compare_it_deployed(tmp_path, capsys):
+    import torch
+
+    from vitslim.export import load, onnx_metadata, onnx_session
+    from vitslim.zoo import load_model
+
+    onnx_file, weights = tmp_path / "tome.onnx", tmp_path / "cdcp.safetensors"
+    assert main(["export", "--method", "tome", "--macs", "0.7", "--out", str(onnx_file), "--batch", "3"]) == 0
+    assert main(["export", "--method", "cdcp", "--macs", "0.7", "--out", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx, tome, checked in onnxruntime" in out and "safetensors, cdcp, fp32 weights" in out
+    assert onnx_metadata(onnx_file)["batch"] == 3
+    model = load_model("default")
+    x = torch.randn(3, *model.patch_embed.proj.weight.shape[1:2], *model.patch_embed.img_size)
+    tome = __import__("vitslim").patch(load_model("default"), "tome", macs=0.7)
+    with torch.no_grad():
+        assert (onnx_session(onnx_file)(x) - tome(x)).abs().max() <= 1e-4
+        assert load(weights)(x).shape == (3, model.num_classes)
+    assert main(["compare", "--methods", "tome", "--budgets", "0.7", "--backend", "onnxruntime",
+                 "--precision", "int8", "--out", str(tmp_path), "--no-plot"]) == 0
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert (report["protocol"]["backend"], report["protocol"]["precision"]) == ("onnxruntime", "int8")
+    assert report["rows"][0]["top1"] >= 0.9 and report["rows"][1]["measured_over_ideal"] > 0
+
+
 @pytest.mark.parametrize("args,message", [
+    (["export", "--out", "x.safetensors", "--batch", "4"], "--input-size and --batch are for --format onnx"),
+    (["export", "--out", "x.onnx", "--batch", "0"], "--batch takes a whole number >= 1 or 'dynamic'"),
+    (["export", "--out", "x.safetensors", "--precision", "int8"], "int8: export to ONNX"),
+    (["bench", "--backend", "compile", "--precision", "int8"], "eager only"),
     (["bench", "--methods", "tome,magic"], "unknown method 'magic'; known methods: atme, cait, cdcp, evit, prune_merge, sit, spvit, tome, topk"),
     (["bench", "--model", "no_such_vit"], "no_such_vit"),
     (["eval", "--data", "/no/such/dir"], "/no/such/dir"),

@@ -252,3 +252,14 @@ def test_repatching_replaces_the_method():
     assert len(model.vitslim_reducers) == len(vitslim.describe(model)["options"]["locations"])
     vitslim.unpatch(model)
     assert type(model).__name__ == "VisionTransformer"
+
+
+def test_patching_keeps_the_models_train_or_eval_mode_in_its_reducers():
+    """An eval model patched with a learned method must not run its selectors in training mode."""
+    model = vitslim.patch(tiny_vit().eval(), "spvit", keep_rate=0.7)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no Gumbel noise: the same logits twice
+    model = vitslim.patch(tiny_vit().train(), "spvit", keep_rate=0.7)
+    assert all(m.training for m in model.vitslim_reducers.modules())
