@@ -196,9 +196,12 @@ class Matching(NamedTuple):
 
 
 def bipartite_matching(metric: Tensor, r: int) -> Matching:
-    """ToMe's bipartite soft matching on (B, n, d) patch-token keys: the r most similar A->B edges."""
+    """ToMe's bipartite soft matching on (B, n, d) patch-token keys: the r most similar A->B edges.
+
+    The keys may come at any scale (e.g. summed rather than averaged over heads): they are normalised.
+    """
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    similarity = torch.bmm(metric[:, ::2], metric[:, 1::2].transpose(1, 2))  # bmm: matmul's dispatch costs more
     best, best_dst = similarity.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     src = order[:, :r]
@@ -208,36 +211,43 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
 def merge_matched(state: TokenState, m: Matching) -> TokenState:
     """Apply a matching: each source is averaged into its destination, weighted by size.
 
-    Output order is [prefix, unmerged A, all B]. The surviving tokens are taken with one gather;
-    then each destination d gets x_d + sum_src (s_src / S_d) (x_src - x_d) with S_d its new size,
-    which is the size-weighted average (s_d x_d + sum_src s_src x_src) / S_d, written as one
-    index-add over the r source rows. Few ops matter here: at batch 1 each costs more than its
-    arithmetic. No scatter-mean, so it exports to ONNX.
+    Output order is [prefix, unmerged A, all B]. The surviving, source and destination tokens are
+    taken with one row gather (and their sizes with one gather); then each destination d gets
+    x_d + sum_src (s_src / S_d) (x_src - x_d) with S_d its new size, which is the size-weighted
+    average (s_d x_d + sum_src s_src x_src) / S_d, written as one index-add over the r source rows.
+    Few ops matter here: at batch 1 each costs more than its arithmetic. No scatter-mean, so it
+    exports to ONNX.
     """
     p, x = state.num_prefix, state.x
     batch, n_all, channels = x.shape
     prefix_pos, a_pos, b_pos = _positions(p, n_all, x.device)
-    n_unm = m.unmerged.shape[1]
-    survivors = torch.cat([prefix_pos.expand(batch, p), a_pos.take(m.unmerged),
-                           b_pos.expand(batch, b_pos.shape[0])], dim=1)
-    n_out = survivors.shape[1]
+    n_unm, r = m.unmerged.shape[1], m.src.shape[1]
+    n_out = p + n_unm + b_pos.shape[0]
+    # positions in x of [survivors (the output's tokens, in order), sources, destinations]
+    rows = torch.cat([prefix_pos.expand(batch, p), a_pos.take(m.unmerged), b_pos.expand(batch, b_pos.shape[0]),
+                      a_pos.take(m.src), b_pos.take(m.dst)], dim=1)
     flat_x = x.reshape(batch * n_all, channels)
-    out = flat_x.index_select(0, _flat(survivors, n_all))
-    src_pos, dst_pos = a_pos.take(m.src), b_pos.take(m.dst)  # positions in x
+    if batch == 1:  # one gather; the survivors are the first rows, contiguous
+        picked = flat_x.index_select(0, rows.reshape(-1))
+        out, src_x, dst_x = picked[:n_out], picked[n_out:n_out + r], picked[n_out + r:]
+    else:  # survivors gathered on their own so that the output stays contiguous
+        out = flat_x.index_select(0, _flat(rows[:, :n_out], n_all))
+        moved = flat_x.index_select(0, _flat(rows[:, n_out:], n_all)).view(batch, 2 * r, channels)
+        src_x, dst_x = moved[:, :r].reshape(-1, channels), moved[:, r:].reshape(-1, channels)
     dst_out = m.dst + (p + n_unm)  # destinations' positions in the output
-    if state.size is None:
-        src_size = torch.ones_like(m.src, dtype=x.dtype)
-        new_size = torch.ones((batch, n_out), dtype=x.dtype, device=x.device).scatter_add_(1, dst_out, src_size)
+    if state.size is None:  # every size is 1: new sizes 1 + the sources merged in
+        new_size = x.new_ones((batch, n_out)).scatter_add_(1, dst_out, x.new_ones((1, 1)).expand(batch, r))
+        weight = new_size.gather(1, dst_out).reciprocal()
     else:
-        src_size = state.size.gather(1, src_pos)
-        new_size = state.size.gather(1, survivors).scatter_add_(1, dst_out, src_size)
-    weight = (src_size / new_size.gather(1, dst_out)).reshape(-1, 1)
-    delta = flat_x.index_select(0, _flat(src_pos, n_all)) - flat_x.index_select(0, _flat(dst_pos, n_all))
-    out.index_add_(0, _flat(dst_out, n_out), delta * weight)
+        sizes = state.size.gather(1, rows[:, :n_out + r])  # survivors' sizes, then the sources'
+        src_size = sizes[:, n_out:]
+        new_size = sizes[:, :n_out].scatter_add_(1, dst_out, src_size)
+        weight = src_size / new_size.gather(1, dst_out)
+    out.index_add_(0, _flat(dst_out, n_out), (src_x - dst_x) * weight.reshape(-1, 1))
     if state.source is not None:
         new_pos = torch.empty((batch, n_all), dtype=torch.long, device=x.device)
-        new_pos.scatter_(1, survivors, torch.arange(n_out, device=x.device).expand(batch, n_out))
-        new_pos.scatter_(1, src_pos, dst_out)
+        new_pos.scatter_(1, rows[:, :n_out], torch.arange(n_out, device=x.device).expand(batch, n_out))
+        new_pos.scatter_(1, rows[:, n_out:n_out + r], dst_out)
         state.source = remap_source(state.source, new_pos)
     state.x, state.size, state.grid = out.view(batch, n_out, channels), new_size, None
     return state

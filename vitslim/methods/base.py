@@ -47,6 +47,12 @@ class AttnInfo:
         return self._keys
 
     @property
+    def key_sum(self):
+        """Keys summed over heads, (B, N, head_dim): ``keys`` times the head count, one op cheaper
+        (no transpose, no divide) for metrics that are normalised anyway."""
+        return self._k.sum(1)
+
+    @property
     def cls_attn(self):
         """Attention of the CLS query to every token, averaged over heads, (B, N).
 

@@ -58,7 +58,7 @@ class ToMeMerge(Reducer):
         r = min(self.r, n // 2)
         if r <= 0:
             return state
-        return merge_matched(state, bipartite_matching(attn.keys[:, state.num_prefix:], r))
+        return merge_matched(state, bipartite_matching(attn.key_sum[:, state.num_prefix:], r))
 
     def extra_repr(self) -> str:
         return f"r={self.r}"
