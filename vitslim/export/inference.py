@@ -8,7 +8,7 @@ token and channel counts for a given input size). ``vitslim.export.runtime`` run
 - backends: ``eager`` (PyTorch as is), ``compile`` (``torch.compile``, batch size dynamic: one
   graph for every batch >= 2; dynamo specialises size-1 dimensions, so batch 1 compiles one graph
   of its own, once) and ``onnxruntime`` (``vitslim.export.to_onnx``, then an onnxruntime session);
-- precisions: ``fp32``; ``bf16`` (weights and activations in bfloat16, logits returned as fp32);
+- precisions: ``fp32``; ``bf16`` (weights and activations in bfloat16, eager or compiled);
   ``int8`` (dynamic int8 quantisation of every Linear, ``torch.ao``, eager only; for onnxruntime
   ``to_onnx(precision="int8")`` quantises the ONNX graph instead).
 """
@@ -34,7 +34,7 @@ def deployable(model: nn.Module) -> nn.Module:
     if is_patched(model) and model.vitslim_config["method"] in CHANNEL_METHODS:
         return slim(model)  # slim copies, and its sliced model has no training-only modules
     was_training = model.training
-    model.eval()  # deepcopy of an eval model: no training-time state (e.g. CDCP probes) to copy
+    model.eval()  # the copy is made in eval mode; the caller's model gets its own mode back
     try:
         inference = copy.deepcopy(model)
     finally:
@@ -52,8 +52,8 @@ def check_runtime(backend: str, precision: str) -> None:
         raise VitslimError("int8 (torch.ao dynamic quantisation) runs eager only: use --backend eager, or "
                            "--backend onnxruntime for onnxruntime's own int8")
     if precision == "bf16" and backend == "onnxruntime":
-        raise VitslimError("onnxruntime's CPU provider has no bf16 kernels for these graphs: use --precision fp32 "
-                           "or int8 with onnxruntime, or bf16 with eager/compile")
+        raise VitslimError("vitslim does not export bf16 ONNX graphs: use --precision fp32 or int8 with "
+                           "onnxruntime, or bf16 with eager/compile")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -66,6 +66,16 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+# Dynamo keeps graphs per code object, so every model compiled in one process (each vitslim model, each
+# ideal) adds its graphs to the same forward; past the default limit of 8 the later models would run
+# eager, with only a log line. Raised so a process can compile a few dozen models (a comparison table).
+RECOMPILE_LIMIT = 64
+ACCUMULATED_RECOMPILE_LIMIT = 1024
+
+
 def compile_model(model: nn.Module, *, dynamic: bool = True, **compile_options: Any) -> nn.Module:
     """``torch.compile`` of ``model`` with the batch size dynamic (one graph for every batch >= 2)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=dynamic, **compile_options)
