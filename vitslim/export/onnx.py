@@ -189,29 +189,17 @@ def to_onnx(model: nn.Module, path: str | os.PathLike | None = None, *, input_si
             "input_size": list(size), "batch": fixed_batch or "dynamic", "precision": precision,
             "opset": OPSET, "vitslim_version": __version__}
     proto = _with_metadata(proto, meta)
-    if path is None:
-        fd, tmp = tempfile.mkstemp(prefix="vitslim-", suffix=".onnx")
-        os.close(fd)
-        target = pathlib.Path(tmp)
-        target.write_bytes(proto)
-    else:
-        target = pathlib.Path(path)
     check_sizes = [fixed_batch] if fixed_batch else [1, 3]
     inputs = [torch.randn(b, *size, generator=gen) for b in check_sizes]
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = target if path is None else pathlib.Path(tmp, "candidate.onnx")
-        if path is not None:
+    if check:  # on a scratch copy: a file that fails the check is never written
+        with tempfile.TemporaryDirectory() as tmp:
+            candidate = pathlib.Path(tmp, "candidate.onnx")
             candidate.write_bytes(proto)
-        if check:
-            try:
-                check_onnx(candidate, inference, inputs, precision, atol)
-            except BaseException:
-                if path is None:
-                    target.unlink(missing_ok=True)
-                raise
-    if path is not None:
-        atomic_write(target, proto)
-    return target
+            check_onnx(candidate, inference, inputs, precision, atol)
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="vitslim-", suffix=".onnx")
+        os.close(fd)
+    return atomic_write(path, proto)
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
