@@ -22,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from vitslim import cli_segment
-from vitslim.cli_common import (_add_model_args, _add_train_args, _command, _floats, _ints, _method_list,
+from vitslim.cli_common import (_add_model_args, _add_patch_args, _add_train_args, _command, _floats, _ints, _method_list,
                                 _method_options, _option, _options_for, _patch_as_asked, _size)
 from vitslim.errors import VitslimError
 from vitslim.measure.macs import count_macs
@@ -76,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a model, optionally patched")
     _add_model_args(evaluate)
     _add_data_args(evaluate, required=False)
-    evaluate.add_argument("--method", help="patch with this method first")
-    evaluate.add_argument("--macs", type=float, help="MACs budget for --method")
-    evaluate.add_argument("--option", type=_option, action="append", default=[],
-                          help="method option key=value (repeatable)")
+    _add_patch_args(evaluate, "patch with this method first")
     train = sub.add_parser("train", help="fine-tune a (patched) model with distillation; checkpoints, resume, DDP")
     _add_train_args(train)
     calibrate = sub.add_parser("calibrate", help="Prune-and-Merge scoring pass on data: scores file + plan")
@@ -114,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("source", nargs="?", help="a vitslim training checkpoint (e.g. OUT/last.pt), patched as trained; "
                                                "or give --model (and --method) instead")
     _add_model_args(exp)
-    exp.add_argument("--method", help="patch --model with this method first")
-    exp.add_argument("--macs", type=float, help="MACs budget for --method")
-    exp.add_argument("--option", type=_option, action="append", default=[],
-                     help="method option key=value (repeatable)")
+    _add_patch_args(exp, "patch --model with this method first")
     exp.add_argument("--format", default=None, choices=["safetensors", "onnx"],
                      help="default: from --out's suffix (.onnx or .safetensors)")
     exp.add_argument("--input-size", type=_ints, metavar="C,H,W",
@@ -167,7 +161,7 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     loader = _loader(args, model) if with_data else None
     if with_data and loader is None:
         print("vitslim: no --data for this model: measuring speed only", file=sys.stderr)
-    runner, runtime = _runner(args, model)
+    runner, runtime = _runner(args)
     result = run_compare(model, methods, args.budgets, loader=loader, batch_size=args.batch_size,
                          runs=args.runs, threads=args.threads, allocator=args.allocator,
                          options=_method_options(args, methods), runner=runner, runtime=runtime)
@@ -180,19 +174,17 @@ def _run_compare(args: argparse.Namespace, with_data: bool) -> int:
     return 0
 
 
-def _runner(args: argparse.Namespace, model) -> tuple[Any, dict[str, str] | None]:
+def _runner(args: argparse.Namespace) -> tuple[Any, dict[str, str] | None]:
     """How every model is run (--backend, --precision): a runtime builder, or None for eager fp32."""
     from vitslim.export.inference import check_runtime
+    from vitslim.export.onnx import require
     from vitslim.export.runtime import runtime
 
     check_runtime(args.backend, args.precision)
     if args.backend == "eager" and args.precision == "fp32":
         return None, None
     if args.backend == "onnxruntime":
-        import importlib.util
-
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise VitslimError("--backend onnxruntime needs onnxruntime: pip install 'vitslim[onnx]'")
+        require("onnxruntime")  # before the slow patching
     return (functools.partial(runtime, backend=args.backend, precision=args.precision, threads=args.threads),
             {"backend": args.backend, "precision": args.precision})
 

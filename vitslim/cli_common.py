@@ -63,6 +63,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for timing (default 2)")
 
 
+def _add_patch_args(p: argparse.ArgumentParser, method_help: str) -> None:
+    """--method, --macs and --option: patch the loaded model before the command's work."""
+    p.add_argument("--method", help=method_help)
+    p.add_argument("--macs", type=float, help="MACs budget for --method")
+    p.add_argument("--option", type=_option, action="append", default=[],
+                   help="method option key=value (repeatable)")
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

@@ -38,18 +38,19 @@ INT8_RTOL = 0.25  # int8: ||onnx - torch|| / ||torch|| over the check batch (qua
 _INSTALL = "pip install 'vitslim[onnx]' (onnx and onnxruntime)"
 
 
-def _require(module: str) -> Any:
+def require(module: str) -> Any:
+    """The module (onnx, onnxscript, onnxruntime), or a VitslimError saying how to install it."""
     try:
         return __import__(module)
     except ImportError:
-        raise VitslimError(f"ONNX export needs {module}: {_INSTALL}") from None
+        raise VitslimError(f"ONNX export and the onnxruntime backend need {module}: {_INSTALL}") from None
 
 
 class OnnxSession:
     """An onnxruntime session that takes and returns torch tensors (CPU), with the thread count fixed."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        ort = _require("onnxruntime")
+        ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -89,8 +90,8 @@ def _check_batch(batch: int | str) -> int | None:
 
 def _export_proto(model: nn.Module, example: Tensor, dynamic: bool) -> bytes:
     """The ONNX bytes of ``model`` traced on ``example`` (batch dimension dynamic or not)."""
-    _require("onnx")
-    _require("onnxscript")
+    require("onnx")
+    require("onnxscript")
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
     log = io.StringIO()
     # no torch.no_grad() here: the exporter's decomposition fails under it for some graphs (ToMe's)
@@ -112,7 +113,7 @@ def _export_proto(model: nn.Module, example: Tensor, dynamic: bool) -> bytes:
 
 
 def _with_metadata(proto: bytes, meta: dict[str, Any]) -> bytes:
-    onnx = _require("onnx")
+    onnx = require("onnx")
     graph = onnx.load_from_string(proto)
     entry = graph.metadata_props.add()
     entry.key, entry.value = "vitslim", json.dumps(meta, default=str)
@@ -123,7 +124,7 @@ def _quantize_int8(proto: bytes) -> bytes:
     """Dynamic int8 quantisation of the graph's weights (onnxruntime.quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    onnx = _require("onnx")
+    onnx = require("onnx")
     graph = onnx.load_from_string(proto)
     del graph.graph.value_info[:]  # the exporter's stale intermediate shapes fail the quantiser's shape inference
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +205,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike | None = None, *, input_si
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The vitslim entry of an exported ONNX file (method, options, input size, batch, precision)."""
-    onnx = _require("onnx")
+    onnx = require("onnx")
     try:
         graph = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for damaged files

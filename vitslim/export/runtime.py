@@ -45,14 +45,14 @@ def runtime(model: nn.Module, backend: str = "eager", precision: str = "fp32", *
     session with ``threads`` intra-op threads (default: torch's), and the file removed.
     """
     check_runtime(backend, precision)
-    inference = deployable(model)
-    if backend == "onnxruntime":
-        path = to_onnx(inference, None, input_size=input_size, batch="dynamic", precision=precision)
+    if backend == "onnxruntime":  # to_onnx makes the deployable form itself
+        path = to_onnx(model, None, input_size=input_size, batch="dynamic", precision=precision)
         try:
             session = onnx_session(path, threads)
         finally:
             path.unlink(missing_ok=True)
-        return RuntimeModel(inference, session, backend, precision)
+        return RuntimeModel(model, session, backend, precision)
+    inference = deployable(model)
     dtype = torch.float32
     if precision == "bf16":
         inference, dtype = inference.to(torch.bfloat16), torch.bfloat16
