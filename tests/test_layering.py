@@ -17,8 +17,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vitslim"
 # lowest first; a module may import from its own layer or any lower one
 LAYERS = [
     ["vitslim.errors", "vitslim._compat", "vitslim._version", "vitslim.io"],
-    ["vitslim.kernels", "vitslim.tokens", "vitslim.budget", "vitslim.measure.macs", "vitslim.methods.base",
-     "vitslim.patch"],
+    ["vitslim.kernels", "vitslim.tokens", "vitslim.families", "vitslim.budget", "vitslim.measure.macs",
+     "vitslim.methods.base", "vitslim.patch"],
     ["vitslim.methods.*", "vitslim.measure.*", "vitslim.data", "vitslim.calibration", "vitslim.dense.features",
      "vitslim.dense.visualize", "vitslim.dense.data", "vitslim.dense.metrics", "vitslim.dense.heads"],
     ["vitslim.models", "vitslim.dense.compare"],
@@ -29,7 +29,8 @@ LAYERS = [
     ["vitslim.cli_segment"],
     ["vitslim.cli", "vitslim.__main__"],
 ]
-CORE = ["vitslim.patch", "vitslim.tokens", "vitslim.kernels", "vitslim.budget", "vitslim.methods.base"]
+CORE = ["vitslim.patch", "vitslim.tokens", "vitslim.kernels", "vitslim.families", "vitslim.budget",
+        "vitslim.methods.base"]
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -143,9 +144,10 @@ def test_token_state_keeps_no_single_method_field():
 
     assert {f.name for f in dataclasses.fields(TokenState)} == {
         "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace",
-        "dropped", "block_source"}
+        "dropped", "block_source", "rope", "pos"}
     # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike; block_source: reset by the
-    # core before every block, set by any reducer that merges and restores within one block (Prune-and-Merge)
+    # core before every block, set by any reducer that merges and restores within one block (Prune-and-Merge);
+    # rope/pos: the model family's rotary tables and each token's position, kept by the shared token ops
 
 
 def test_every_hook_is_a_documented_method_with_a_default():
@@ -153,6 +155,6 @@ def test_every_hook_is_a_documented_method_with_a_default():
 
     for cls, hooks in ((Reducer, ["block_kernel", "before_block", "after_attn", "after_block", "after_model",
                                   "param_options", "set_progress", "plan"]),
-                       (Method, ["prepare", "inference_options", "needs_teacher"])):
+                       (Method, ["prepare", "inference_options", "needs_teacher", "runs_on"])):
         for hook in hooks:
             assert callable(getattr(cls, hook)) and getattr(cls, hook).__doc__, f"{cls.__name__}.{hook}"

@@ -17,32 +17,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitslim import _compat  # noqa: F401
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
-
 from vitslim.budget import search_level
 from vitslim.errors import VitslimError
-from vitslim.kernels import DEFAULT_KERNEL, attn_residual, mlp_residual
+from vitslim.families import VIT, Family, family_of
+from vitslim.kernels import DEFAULT_KERNEL
 from vitslim.measure.macs import count_macs, default_input_size
-from vitslim.methods.base import AttnInfo, Reducer, get_method
+from vitslim.methods.base import AttnInfo, Reducer, get_method, methods
 from vitslim.tokens import TokenState, init_source
 
-SUPPORTED = (
-    "timm VisionTransformer models with the standard Block and Attention: ViT/DeiT (incl. "
-    "distilled DeiT), DeiT-III (LayerScale), ViT with registers, q/k-norm ViTs, token or avg pooling"
-)
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise a VitslimError unless the model is a ViT whose blocks the spine can run."""
-    if not isinstance(model, VisionTransformer):
-        raise VitslimError(f"{type(model).__name__} is not supported; vitslim supports {SUPPORTED}")
-    for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if type(blk) is not Block or type(attn) is not Attention:
-            raise VitslimError(f"block {i} is a {type(blk).__name__}; vitslim supports {SUPPORTED}")
+def check_supported(model: nn.Module) -> Family:
+    """The model's family (``vitslim.families``); a VitslimError unless the spine can run its blocks."""
+    return family_of(model)
 
 
 def check_input(model: nn.Module, images: Tensor) -> None:
@@ -67,28 +55,32 @@ def check_input(model: nn.Module, images: Tensor) -> None:
         )
 
 
-def block_forward(blk: Block, state: TokenState, reducer: Reducer | None, ckpt: bool = False) -> TokenState:
-    """One timm Block on a TokenState, with the reducer's hooks and the kernel it (or the state) asks for."""
+def block_forward(blk: nn.Module, state: TokenState, reducer: Reducer | None, ckpt: bool = False,
+                  family: Family = VIT, index: int = 0) -> TokenState:
+    """Block number ``index`` of a model of ``family`` on a TokenState, with the reducer's hooks and the
+    kernel it (or the state) asks for."""
     state.block_source = None
     if reducer is not None:
         state = reducer.before_block(state)
     bias = state.attn_bias()
     kernel = (reducer.block_kernel(state) if reducer is not None else None) or state.kernel or DEFAULT_KERNEL
     want_qk = reducer is not None
+    positions = family.block_positions(state, index)
     if state.trace is not None:
         state.trace.append((state.x.shape[1], -1))
     if ckpt:
-        state.x, qk = checkpoint(attn_residual, blk, state.x, bias, kernel, want_qk, use_reentrant=False)
+        state.x, qk = checkpoint(family.attn_residual, blk, state.x, positions, state.num_prefix, bias, kernel,
+                                 want_qk, use_reentrant=False)
     else:
-        state.x, qk = attn_residual(blk, state.x, bias, kernel, want_qk)
+        state.x, qk = family.attn_residual(blk, state.x, positions, state.num_prefix, bias, kernel, want_qk)
     if reducer is not None:
         state = reducer.after_attn(state, AttnInfo(qk[0], qk[1], blk.attn.scale, bias))
     if state.trace is not None:
         state.trace[-1] = (state.trace[-1][0], state.x.shape[1])
     if ckpt:
-        state.x = checkpoint(mlp_residual, blk, state.x, kernel, use_reentrant=False)
+        state.x = checkpoint(family.mlp_residual, blk, state.x, kernel, use_reentrant=False)
     else:
-        state.x = mlp_residual(blk, state.x, kernel)
+        state.x = family.mlp_residual(blk, state.x, kernel)
     if reducer is not None:
         state = reducer.after_block(state)
     return state
@@ -108,19 +100,16 @@ class VitslimMixin:
         if attn_mask is not None:
             raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
         cfg = self.vitslim_config
-        x = self.patch_embed(x)
-        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
-        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        family = cfg["family"]
+        x, grid, rope = family.embed(self, x)
         p = self.num_prefix_tokens
-        if x.shape[1] != p + grid[0] * grid[1]:  # patch dropout: tokens no longer form the grid
-            grid = None
         state = TokenState(x=x, num_prefix=p, grid0=grid or (1, x.shape[1] - p), grid=grid,
-                           prop_attn=cfg["prop_attn"], trace=[] if trace else None)
+                           prop_attn=cfg["prop_attn"], trace=[] if trace else None, rope=rope)
         if trace_source:
             state.source = init_source(x.shape[0], state.grid0, p, x.device)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, (blk, reducer) in enumerate(zip(self.blocks, self._vitslim_plan)):
-            state = block_forward(blk, state, reducer, ckpt)
+            state = block_forward(blk, state, reducer, ckpt, family, i)
             if on_block is not None:
                 on_block(i, state)
         state.x = self.norm(state.x)
@@ -134,19 +123,7 @@ class VitslimMixin:
 
     def forward_head_state(self, state: TokenState, pre_logits: bool = False) -> Tensor:
         """The classifier head on a state: average pooling is weighted by token size."""
-        pool = self.global_pool
-        if self.attn_pool is not None or pool == "token" or not pool or state.size is None:
-            return self.forward_head(state.x, pre_logits=pre_logits)
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        x, w = state.x[:, start:], state.size[:, start:, None].to(state.x.dtype)
-        if pool == "max":
-            pooled = x.amax(1)
-        else:
-            pooled = (x * w).sum(1) / w.sum(1)
-            if pool == "avgmax":
-                pooled = 0.5 * (x.amax(1) + pooled)
-        pooled = self.head_drop(self.fc_norm(pooled))
-        return pooled if pre_logits else self.head(pooled)
+        return self.vitslim_config["family"].head(self, state, pre_logits)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Logits, like the original model's forward."""
@@ -184,6 +161,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_attn: bool | None) -> nn.Module:
     method_cls = get_method(method_name)
+    family = family_of(model)
     method = method_cls(model, **options)
     original = model.vitslim_config["original_class"] if is_patched(model) else type(model)
     unpatch(model)
@@ -197,6 +175,7 @@ def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_at
         "prop_attn": method_cls.prop_attn_default if prop_attn is None else bool(prop_attn),
         "macs_target": None,
         "original_class": original,
+        "family": family,
     }
     model.__class__ = _patched_class(original)
     return model
@@ -205,7 +184,8 @@ def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_at
 def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn: bool | None = None,
           **options: Any) -> nn.Module:
     """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs."""
-    check_supported(model)  # a patched model still is its original class, blocks untouched
+    family = check_supported(model)  # a patched model still is its original class, blocks untouched
+    check_runs_on(get_method(method), family)
     options = get_method(method).prepare(model, dict(options))
     if macs is None:
         return _attach(model, method, options, prop_attn)
@@ -238,6 +218,14 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
     model.vitslim_config["macs_target"] = target
     return model
+
+
+def check_runs_on(method_cls: type, family: Family) -> None:
+    """Raise a one-line VitslimError if the method does not run on models of this family."""
+    if not method_cls.runs_on(family.name):
+        others = sorted(m for m in methods() if get_method(m).runs_on(family.name))
+        raise VitslimError(f"{method_cls.name} does not run on {family.name} models ({family.supported}) yet; "
+                           f"methods that do: {', '.join(others)}")
 
 
 def strip_training_modules(model: nn.Module) -> nn.Module:

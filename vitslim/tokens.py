@@ -19,6 +19,12 @@ Conventions (all methods rely on them):
   on when a reducer grouped them only inside that block (Prune-and-Merge merges before a block and
   reconstructs after it, so ``source`` stays the identity); ``None``: the block computed on
   ``source``. Reset before every block; ``computed_source`` gives whichever applies.
+- ``rope``: the model family's rotary tables for this forward (``vitslim.families``), ``None`` when
+  the model has no rotary positions. Then ``pos`` is ``None`` too, and nothing tracks positions.
+- ``pos``: with ``rope``, (B or 1, n) for the patch-side tokens: the original patch whose rotary
+  position each token uses, or ``num_patches0`` for none (the identity rotation, as for the
+  prefix). ``None``: still the original patches in order. A pruned token's neighbours keep their
+  own; a merged token keeps its destination's (ToMe) or anchor's (ATME); a fused token has none.
 Merges are index-adds of weighted differences onto the destination rows, or scatter-sums then a
 divide (never scatter-mean), so they export to ONNX.
 """
@@ -78,6 +84,8 @@ class TokenState:
     trace: list[tuple[int, int]] | None = None  # (tokens into attention, tokens into MLP) per block
     dropped: Dropped | None = None  # traced states: patches whose token was pruned or fused away
     block_source: Tensor | None = None  # traced states: grouping used inside the last block only
+    rope: Tensor | None = None  # rotary tables of the model's family (None: positions do not matter)
+    pos: Tensor | None = None  # with rope: each patch-side token's original patch (None: all, in order)
 
     def computed_source(self) -> Tensor | None:
         """The source map of the tokens the last block computed on (``block_source``, else ``source``)."""
@@ -93,6 +101,13 @@ class TokenState:
         if self.size is None:
             return self.x.new_ones(self.x.shape[:2])
         return self.size
+
+    def positions(self) -> Tensor:
+        """``pos`` as a (B or 1, n) tensor, materialising the implicit "original patches in order"."""
+        if self.pos is not None:
+            return self.pos
+        n = self.x.shape[1] - self.num_prefix
+        return torch.arange(n, device=self.x.device).unsqueeze(0)
 
     def attn_bias(self) -> Tensor | None:
         """Proportional-attention bias log(size) as an additive SDPA mask (B, 1, 1, N), or None."""
@@ -166,6 +181,11 @@ def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = No
         fused = torch.bmm(dropped_w.unsqueeze(1), x[:, p:])
         fused_size = sizes[:, p:].sum(1, keepdim=True) - kept_size[:, p:].sum(1, keepdim=True)
         kept, kept_size = torch.cat([kept, fused], dim=1), torch.cat([kept_size, fused_size], dim=1)
+    if state.rope is not None:  # kept tokens keep their positions; the fused token has none
+        pos = state.positions().expand(batch, -1).gather(1, idx)
+        if fuse_weights is not None:
+            pos = torch.cat([pos, pos.new_full((batch, 1), state.num_patches0)], dim=1)
+        state.pos = pos
     if state.source is not None:
         state.dropped = _record_dropped(state, keep)
         gone = p + k if fuse_weights is not None else -1
@@ -244,6 +264,8 @@ def merge_matched(state: TokenState, m: Matching) -> TokenState:
         new_size = sizes[:, :n_out].scatter_add_(1, dst_out, src_size)
         weight = src_size / new_size.gather(1, dst_out)
     out.index_add_(0, _flat(dst_out, n_out), (src_x - dst_x) * weight.reshape(-1, 1))
+    if state.rope is not None:  # every surviving token keeps its position: a destination keeps its own
+        state.pos = state.positions().expand(batch, -1).gather(1, rows[:, p:n_out] - p)
     if state.source is not None:
         new_pos = torch.empty((batch, n_all), dtype=torch.long, device=x.device)
         new_pos.scatter_(1, rows[:, :n_out], torch.arange(n_out, device=x.device).expand(batch, n_out))

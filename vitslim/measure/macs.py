@@ -62,11 +62,16 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     return counter.get_total_flops() // (2 * batch_size)
 
 
+def _linear_macs(module: nn.Module) -> int:
+    """MACs per token of every Linear inside a module (qkv + proj; fc1 + fc2, or SwiGLU's three)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None, *, blocks_only: bool = False) -> int:
     """Per-image MACs from the per-block formula, for tokens (into attention, into MLP) per block.
 
-    Block: qkv Na*C*3A + attention 2*Na^2*A + proj Na*A*C + MLP 2*Nm*C*hidden
-    (A = attention width); plus the patch embedding and the classifier unless ``blocks_only``.
+    Block: Na x (the attention's Linear layers: qkv C*3A + proj A*C) + attention 2*Na^2*A
+    + Nm x (the MLP's Linear layers: 2*C*hidden, or SwiGLU's three) (A = attention width); plus the patch embedding and the classifier unless ``blocks_only``.
     Reducer work is not included: this is the cost of the dense blocks on those token counts.
     """
     pe = model.patch_embed
@@ -75,10 +80,8 @@ def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None,
     tokens = tokens or [(n, n)] * len(model.blocks)
     total = 0
     for blk, (n_attn, n_mlp) in zip(model.blocks, tokens):
-        width = blk.attn.attn_dim
-        hidden = blk.mlp.fc1.out_features
-        total += n_attn * dim * 3 * width + 2 * n_attn * n_attn * width + n_attn * width * dim
-        total += 2 * n_mlp * dim * hidden
+        width = blk.attn.num_heads * blk.attn.head_dim
+        total += n_attn * _linear_macs(blk.attn) + 2 * n_attn * n_attn * width + n_mlp * _linear_macs(blk.mlp)
     if blocks_only:
         return total
     total += pe.num_patches * pe.proj.in_channels * math.prod(pe.patch_size) * dim

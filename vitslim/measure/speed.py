@@ -20,7 +20,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
+from vitslim.kernels import DEFAULT_KERNEL
 from vitslim.measure.macs import default_input_size
+from vitslim.tokens import TokenState
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -133,7 +136,7 @@ class IdealSchedule(nn.Module):
 
     def __init__(self, model: nn.Module, tokens: list[tuple[int, int]]):
         super().__init__()
-        self.model, self.tokens = model, tokens
+        self.model, self.tokens, self.family = model, tokens, family_of(model)
 
     @property
     def patch_embed(self) -> nn.Module:
@@ -142,14 +145,15 @@ class IdealSchedule(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of a dense pass that simply truncates to each block's token counts."""
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
-        for blk, (n_attn, n_mlp) in zip(m.blocks, self.tokens):
-            x = x[:, :n_attn]
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-            x = x[:, :n_mlp]
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return m.forward_head(m.norm(x))
+        m, family = self.model, self.family
+        x, grid, rope = family.embed(m, images)
+        state = TokenState(x=x, num_prefix=m.num_prefix_tokens, grid0=grid or (1, 1), rope=rope)
+        for i, (blk, (n_attn, n_mlp)) in enumerate(zip(m.blocks, self.tokens)):
+            state.x = state.x[:, :n_attn]  # the rotary rows follow: the first patches, in order
+            state.x, _ = family.attn_residual(blk, state.x, family.block_positions(state, i), state.num_prefix,
+                                              None, DEFAULT_KERNEL, False)
+            state.x = family.mlp_residual(blk, state.x[:, :n_mlp], DEFAULT_KERNEL)
+        return m.forward_head(m.norm(state.x))
 
 
 def ideal_model(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> nn.Module:

@@ -109,9 +109,10 @@ def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
 
 def schedule_family(model: nn.Module) -> list[str]:
     """Budget points: schedules of up to MAX_AUTO_MERGES merges ordered by MACs (level 0 = none)."""
-    blk = model.blocks[0]
-    key = (len(model.blocks), tuple(model.patch_embed.grid_size), model.num_prefix_tokens,
-           blk.attn.qkv.in_features, blk.attn.attn_dim, blk.mlp.fc1.out_features)
+    depth = len(model.blocks)
+    # the blocks' cost formula is fixed by its values at these token counts (linear and quadratic terms)
+    key = (depth, tuple(model.patch_embed.grid_size), model.num_prefix_tokens,
+           *(analytic_macs(model, [counts] * depth, blocks_only=True) for counts in ((1, 0), (2, 0), (0, 1))))
     if key not in _FAMILIES:
         _FAMILIES[key] = _family(model)
     return list(_FAMILIES[key])
@@ -144,7 +145,7 @@ def _family(model: nn.Module) -> tuple[str, ...]:
 
 
 def _merge_plan_tensors(grid: tuple[int, int], axis: str, device: torch.device) -> tuple[Tensor, ...]:
-    """Constant index tensors of one merge: sources, their two anchors (new indices), anchor map.
+    """Constant index tensors of one merge: sources, their two anchors (new indices), anchor map, anchors.
 
     Static slicing and arithmetic only (no boolean-mask indexing), so it also traces into a
     compiled or exported graph with fixed shapes.
@@ -162,7 +163,9 @@ def _merge_plan_tensors(grid: tuple[int, int], axis: str, device: torch.device) 
     has_next = ((cols if axis == "W" else rows)[odd].reshape(-1) + 1) < lines
     prev_flat, next_flat = src - step, torch.where(has_next, src + step, src - step)
     dest = new_index.reshape(-1)  # anchors map to themselves; sources filled per image
-    return src, prev_flat, next_flat, has_next, dest
+    even = (slice(None), slice(0, None, 2)) if axis == "W" else (slice(0, None, 2), slice(None))
+    anchors = flat[even].reshape(-1)  # the old index of each merged token's anchor, new raster order
+    return src, prev_flat, next_flat, has_next, dest, anchors
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,7 +193,7 @@ def merge_neighbours(state: TokenState, keys: Tensor, axis: str) -> TokenState:
         return state  # a single line: nothing to merge (smaller inputs with dynamic_img_size)
     batch, _, channels = x.shape
     n = h * w
-    src, prev_flat, next_flat, has_next, dest = _merge_plan((h, w), axis, x.device)
+    src, prev_flat, next_flat, has_next, dest, anchors = _merge_plan((h, w), axis, x.device)
     metric = keys[:, p:]
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     m_src = metric[:, src]
@@ -213,6 +216,8 @@ def merge_neighbours(state: TokenState, keys: Tensor, axis: str) -> TokenState:
     if state.source is not None:
         prefix = torch.arange(p, device=x.device).expand(batch, p)
         state.source = remap_source(state.source, torch.cat([prefix, dest_all + p], dim=1))
+    if state.rope is not None:  # a merged token takes its anchor's position
+        state.pos = state.positions()[:, anchors]
     state.x = torch.cat([x[:, :p], merged], dim=1)
     state.size = torch.cat([sizes[:, :p].to(x.dtype), new_size], dim=1)
     state.grid = (nh, nw)
@@ -257,6 +262,11 @@ class ATME(Method):
     name = "atme"
     Options = ATMEOptions
     prop_attn_default = True  # off the shelf; pass prop_attn=False to train without it (ToMe's advice)
+
+    @classmethod
+    def runs_on(cls, family: str) -> bool:
+        """Also on rotary ViTs (Eva): a merged token takes its anchor's position."""
+        return family in ("vit", "eva")
 
     def reducers(self) -> dict[int, Reducer]:
         return {b: ATMEMerge(a) for b, a in parse_schedule(self.config.schedule, len(self.model.blocks))}

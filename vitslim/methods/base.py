@@ -212,6 +212,15 @@ class Method:
         """Whether training with these options distils from the dense model (token targets); default no."""
         return False
 
+    @classmethod
+    def runs_on(cls, family: str) -> bool:
+        """Whether the method runs on models of that family (``vitslim.families``); default: timm ViTs only.
+
+        A method that says yes to a rotary family (``eva``) keeps ``TokenState.pos`` right for every
+        token it makes (the token ops of ``vitslim.tokens`` do) and needs no custom ``BlockKernel``.
+        """
+        return family == "vit"
+
 
 class KeepRateLevels:
     """Budget levels for methods whose knob is a ``keep_rate``: 1.0, 0.995, 0.99, ... (mixed into a Method).

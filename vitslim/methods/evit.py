@@ -73,6 +73,11 @@ class EViT(KeepRateLevels, Method):
     Options = EViTOptions
     fuse = True
 
+    @classmethod
+    def runs_on(cls, family: str) -> bool:
+        """Also on rotary ViTs (Eva): kept tokens keep their positions, the fused token has none."""
+        return family in ("vit", "eva")
+
     def __init__(self, model: nn.Module, **options: Any):
         if getattr(model, "cls_token", None) is None:
             raise VitslimError(

@@ -85,6 +85,11 @@ class ToMe(Method):
     Options = ToMeOptions
     prop_attn_default = True  # proportional attention, as in ToMe
 
+    @classmethod
+    def runs_on(cls, family: str) -> bool:
+        """Also on rotary ViTs (Eva): a merged token keeps its destination's position."""
+        return family in ("vit", "eva")
+
     def reducers(self) -> dict[int, Reducer]:
         return {i: ToMeMerge(r) for i, r in enumerate(self.config.r) if r > 0}
 
