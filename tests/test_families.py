@@ -72,13 +72,21 @@ def test_reducing_matches_budget_and_batch_of_one(variant, method):
     dense = vitslim.count_macs(model)
     vitslim.patch(model, method, macs=0.6)
     macs = vitslim.count_macs(model) / dense
-    assert abs(macs - 0.6) <= 0.02 * 0.6 + 0.02, macs  # ATME's schedules come in steps
+    assert abs(macs - 0.6) <= (0.05 if method == "atme" else 0.02 * 0.6), macs  # ATME: coarse steps on an 8x8 grid
     tokens = vitslim.describe(model)["tokens"]
     assert tokens[-1][1] < tokens[0][0]  # it really reduces
     x = _images(8)
     batched = _features(model, x)
     single = torch.cat([_features(model, x[i:i + 1]) for i in range(8)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(EVA_METHODS))
+def test_macs_budget_within_two_percent_on_eva02_at_224(method):
+    dense = timm.create_model("eva02_tiny_patch14_224")
+    dense_macs = vitslim.count_macs(dense)
+    vitslim.patch(dense, method, macs=0.55)
+    assert abs(vitslim.count_macs(dense) / dense_macs - 0.55) <= 0.02 * 0.55
 
 
 @pytest.mark.parametrize("variant", ["eva02", "rope_mixed"])
