@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every DeiT-S 224 speed table in benchmarks/results, through one driver (benchmarks/speed.py):
+# Every DeiT-S 224 (and EVA-02-S 224) speed table in benchmarks/results, through one driver (benchmarks/speed.py):
 # random init (speed does not depend on the weights), CPU, 2 threads, fp32, each model timed beside
 # its ideal (its own blocks on the same token counts, no reduction work); batch 32 (12 timed runs)
 # and batch 1 (30 runs). Run on a quiet machine (load average well below 1).
@@ -13,11 +13,13 @@
 #   prune_merge  Prune-and-Merge, data-free plan, 0.5/0.65/0.7 (4);      deit_s_prune_merge_speed_b{32,1}
 #                measured/ideal includes its merge and reconstruct matmuls (2 m N C per block, in MACs)
 #   cait         ATME patched; CDCP and CAIT exported (sliced), 0.5/0.7  deit_s_cait_speed_b{32,1}
+#   eva          EVA-02-S 224 (rotary positions, SwiGLU): the token      eva02_s_speed_b{32,1}
+#                methods that run on the eva family, 0.5/0.7 (issue 15)
 . "$(dirname "$0")/common.sh"
-speed() { "$PYTHON" benchmarks/speed.py --model deit_small_patch16_224 --threads 2 --out "$RESULTS" "$@"; }
+speed() { "$PYTHON" benchmarks/speed.py --model "${SPEED_MODEL:-deit_small_patch16_224}" --threads 2 --out "$RESULTS" "$@"; }
 B32_B1=(--batch-sizes 32,1 --runs 12,30)
 tables=("$@")
-if [ ${#tables[@]} = 0 ] || [ "${tables[0]}" = all ]; then tables=(tome allocator sit spvit prune_merge cait); fi
+if [ ${#tables[@]} = 0 ] || [ "${tables[0]}" = all ]; then tables=(tome allocator sit spvit prune_merge cait eva); fi
 for table in "${tables[@]}"; do
   case $table in
     tome) speed --methods tome,evit,topk --budgets 0.5,0.6,0.7 "${B32_B1[@]}" --name deit_s_speed ;;
@@ -27,6 +29,8 @@ for table in "${tables[@]}"; do
     spvit) speed --methods spvit --budgets 0.5,0.6,0.7 "${B32_B1[@]}" --name deit_s_spvit_speed ;;
     prune_merge) speed --methods prune_merge --budgets 0.5,0.65,0.7 "${B32_B1[@]}" --name deit_s_prune_merge_speed ;;
     cait) speed --methods atme,cdcp,cait --exported --budgets 0.5,0.7 "${B32_B1[@]}" --name deit_s_cait_speed ;;
-    *) echo "speed.sh: unknown table '$table'; known: all tome allocator sit spvit prune_merge cait" >&2; exit 2 ;;
+    eva) SPEED_MODEL=eva02_small_patch14_224 speed --methods tome,evit,topk,atme --budgets 0.5,0.7 "${B32_B1[@]}" \
+           --name eva02_s_speed ;;
+    *) echo "speed.sh: unknown table '$table'; known: all tome allocator sit spvit prune_merge cait eva" >&2; exit 2 ;;
   esac
 done

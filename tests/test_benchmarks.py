@@ -35,6 +35,7 @@ EXERCISED = {
     "speed.py": "second_queue", "tome_overhead.py": "second_queue", "cait_speed.py": "test_recorded_python_commands_run",
     "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
     "segment_camvid.py": "test_recorded_python_commands_run", "deploy.py": "test_recorded_python_commands_run",
+    "rope_positions.py": "test_recorded_python_commands_run",
 }
 
 
