@@ -256,3 +256,13 @@ def test_eva_saves_exports_to_onnx_and_compiles(method, tmp_path):
             torch.testing.assert_close(compiled(_images(batch)), model(_images(batch)), rtol=0, atol=1e-4)
     counters = torch._dynamo.utils.counters
     assert (sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]) == (0, 1)
+
+
+def test_a_saved_model_whose_layout_its_name_cannot_rebuild_is_refused(tmp_path):
+    """A post-norm Eva has the same parameter names as the default pre-norm one: refused, not rebuilt wrong."""
+    from vitslim import export
+
+    model = vitslim.patch(eva("eva02_post_norm"), "tome", r=2)
+    export.save(model, tmp_path / "post.safetensors")
+    with pytest.raises(VitslimError, match="EvaBlockPostNorm"):
+        export.load(tmp_path / "post.safetensors")

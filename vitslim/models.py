@@ -82,6 +82,10 @@ def build_from_spec(spec: dict) -> torch.nn.Module:
     check_name(spec["architecture"])
     model = create(spec["architecture"], spec["model_args"].get("num_classes"),
                    **{k: v for k, v in spec["model_args"].items() if k != "num_classes"})
+    if spec.get("layout") and spec["layout"] != block_layout(model):
+        raise VitslimError(f"the saved model's blocks are {'/'.join(spec['layout'])} but {spec['architecture']!r} "
+                           f"with the recorded sizes builds {'/'.join(block_layout(model))}: the file cannot be "
+                           "rebuilt from its name; save the model as loaded by vitslim (vitslim.zoo.load_model)")
     if spec.get("pretrained_cfg"):
         model.pretrained_cfg = dict(spec["pretrained_cfg"])  # its data config (mean/std, input size)
     model.vitslim_spec = spec
@@ -101,7 +105,15 @@ def model_spec(model: torch.nn.Module) -> dict | None:
     args = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
                 num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
                 num_heads=model.blocks[0].attn.num_heads, global_pool=model.global_pool)
-    return {"architecture": name, "model_args": args, "pretrained_cfg": dict(cfg)}
+    # sizes only: record the block layout too, so that an override the sizes do not show (e.g. Eva's
+    # use_post_norm, same parameter names) is refused on load rather than rebuilt as the default
+    return {"architecture": name, "model_args": args, "pretrained_cfg": dict(cfg), "layout": block_layout(model)}
+
+
+def block_layout(model: torch.nn.Module) -> list[str]:
+    """The class names of the first block, its attention and its MLP."""
+    blk = model.blocks[0]
+    return [type(blk).__name__, type(blk.attn).__name__, type(blk.mlp).__name__]
 
 
 def check_name(name: str) -> None:
