@@ -76,28 +76,24 @@ def rule_positions(state: TokenState, rule: str) -> torch.Tensor:
     return torch.where(counts > 0, centroid, shipped)  # tokens standing for no patch keep theirs
 
 
-class RuleMerge(ToMeMerge):
-    """ToMe's merge, then the rule's positions."""
+class RulePositions:
+    """Mixed in front of a reducer: after its reduction, the rule's positions (the shipped rule: vitslim's own)."""
 
-    rule = "destination"
+    rule = shipped = ""
 
     def after_attn(self, state, attn):
         state = super().after_attn(state, attn)
-        if self.rule != SHIPPED["tome"] and state.source is not None:
+        if self.rule != self.shipped and state.source is not None:
             state.pos = rule_positions(state, self.rule)
         return state
 
 
-class RuleKeep(AttentiveKeep):
-    """EViT's keep-and-fuse, then the rule's positions."""
+class RuleMerge(RulePositions, ToMeMerge):
+    shipped = SHIPPED["tome"]
 
-    rule = "none"
 
-    def after_attn(self, state, attn):
-        state = super().after_attn(state, attn)
-        if self.rule != SHIPPED["evit"] and state.source is not None:
-            state.pos = rule_positions(state, self.rule)
-        return state
+class RuleKeep(RulePositions, AttentiveKeep):
+    shipped = SHIPPED["evit"]
 
 
 def top1(model: torch.nn.Module, loader, desc: str) -> float:
@@ -151,16 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                 cls = RuleMerge if method == "tome" else RuleKeep
                 for reducer in model.vitslim_reducers.values():
                     reducer.__class__, reducer.rule = cls, rule
-                rows.append({"method": method, "macs": round(macs, 3), "rule": rule + (" (vitslim)" if rule == SHIPPED[method] else ""),
+                label = rule + (" (vitslim)" if rule == SHIPPED[method] else "")
+                rows.append({"method": method, "macs": round(macs, 3), "rule": label,
                              "top1": top1(model, loader, f"{method}@{budget} {rule}")})
             vitslim.unpatch(model)
     result = {"command": command, "model": {"architecture": "vit_small_patch16_rope_224", **MODEL_ARGS},
-              "train": {"epochs": args.epochs, "minutes_this_run": round(train_minutes, 1), **{
-                  k: getattr(config, k) for k in ("batch_size", "lr", "weight_decay", "label_smoothing", "precision")}},
+              "train": {"epochs": args.epochs, "minutes_this_run": round(train_minutes, 1),
+                        **{k: getattr(config, k) for k in ("batch_size", "lr", "weight_decay", "label_smoothing",
+                                                           "precision")}},
               "test_images": len(loader.dataset), "rows": rows}
     lines = [f"# {args.name}: rotary position of merged tokens", "", "Command:", "", f"    {command}", "",
-             f"Small RoPE ViT ({MODEL_ARGS['depth']} blocks, width {MODEL_ARGS['embed_dim']}, rotary positions only) "
-             f"trained {args.epochs} epochs on CIFAR-10 here; training-free top-1 on {len(loader.dataset)} test images.",
+             f"Small RoPE ViT ({MODEL_ARGS['depth']} blocks, width {MODEL_ARGS['embed_dim']}, rotary positions "
+             f"only) trained {args.epochs} epochs on CIFAR-10 here; training-free top-1 on {len(loader.dataset)} "
+             "test images.",
              "", "| method | MACs ratio | position of a merged / fused token | top-1 |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['macs']:.3f} | {r['rule']} | {r['top1']:.2f} |" for r in rows]
     out = pathlib.Path(results)

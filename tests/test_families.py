@@ -1,5 +1,4 @@
 """Model families beyond the plain ViT: timm Eva (EVA-02, RoPE ViTs) through the same spine."""
-import copy
 
 import pytest
 import torch

@@ -106,10 +106,10 @@ class ViTFamily(Family):
                 raise VitslimError(f"block {i} is a {type(blk).__name__}; vitslim supports {supported_models()}")
 
     def embed(self, model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
-        x = model.patch_embed(images)
-        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(model.patch_embed.grid_size)
+        x, grid = _patches(model, images)
         x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-        return x, _grid_if_whole(x, model.num_prefix_tokens, grid), None
+        whole = x.shape[1] == model.num_prefix_tokens + grid[0] * grid[1]  # not after patch dropout
+        return x, grid if whole else None, None
 
 
 _EVA_ATTENTION = (EvaAttention, AttentionRope)
@@ -130,16 +130,16 @@ class EvaFamily(Family):
             raise VitslimError("patch dropout is not supported on Eva models: create the model with "
                                "patch_drop_rate=0")
         for i, blk in enumerate(model.blocks):
-            if type(blk) not in (EvaBlock, EvaBlockPostNorm) or type(getattr(blk, "attn", None)) not in _EVA_ATTENTION:
-                raise VitslimError(f"block {i} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+            attn = type(getattr(blk, "attn", None))
+            if type(blk) not in (EvaBlock, EvaBlockPostNorm) or attn not in _EVA_ATTENTION:
+                raise VitslimError(f"block {i} is a {type(blk).__name__} with {attn.__name__}; "
                                    f"vitslim supports {supported_models()}")
 
     def uses_positions(self, model: nn.Module) -> bool:
         return model.rope is not None
 
     def embed(self, model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
-        x = model.patch_embed(images)
-        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(model.patch_embed.grid_size)
+        x, grid = _patches(model, images)
         x, rope = model._pos_embed(x)
         if rope is not None:
             rope = with_identity_row(rope)
@@ -225,8 +225,10 @@ def rotary_rows(state: TokenState, index: int) -> Tensor | None:
     return rows.view(table.shape[0], state.pos.shape[0], n, -1).transpose(0, 1)  # (B, heads, n, 2D)
 
 
-def _grid_if_whole(x: Tensor, num_prefix: int, grid: tuple[int, int]) -> tuple[int, int] | None:
-    return grid if x.shape[1] == num_prefix + grid[0] * grid[1] else None  # patch dropout: no grid
+def _patches(model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The patch embedding's output and its grid (NHWC output under dynamic_img_size)."""
+    x = model.patch_embed(images)
+    return x, (tuple(x.shape[1:3]) if x.dim() == 4 else tuple(model.patch_embed.grid_size))
 
 
 VIT = ViTFamily()

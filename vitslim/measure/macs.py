@@ -71,7 +71,8 @@ def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None,
     """Per-image MACs from the per-block formula, for tokens (into attention, into MLP) per block.
 
     Block: Na x (the attention's Linear layers: qkv C*3A + proj A*C) + attention 2*Na^2*A
-    + Nm x (the MLP's Linear layers: 2*C*hidden, or SwiGLU's three) (A = attention width); plus the patch embedding and the classifier unless ``blocks_only``.
+    + Nm x (the MLP's Linear layers: 2*C*hidden, or SwiGLU's three) (A = attention width);
+    plus the patch embedding and the classifier unless ``blocks_only``.
     Reducer work is not included: this is the cost of the dense blocks on those token counts.
     """
     pe = model.patch_embed
