@@ -26,6 +26,7 @@ EVA_VARIANTS = {  # every block and attention layout the eva family runs, at toy
                                                         init_values=0.1, **TINY),
 }
 EVA_METHODS = {"tome": {"r": 0}, "evit": {"keep_rate": 1.0}, "topk": {"keep_rate": 1.0}, "atme": {"schedule": ""}}
+REDUCING = [*sorted(EVA_METHODS), "spvit"]  # SPViT always adds a package token: no zero-reduction setting
 
 
 def eva(variant: str) -> torch.nn.Module:
@@ -65,7 +66,7 @@ def test_zero_reduction_equals_the_model_and_unpatch_restores_it(variant, method
 
 
 @pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "rope_gqa_reg"])
-@pytest.mark.parametrize("method", sorted(EVA_METHODS))
+@pytest.mark.parametrize("method", REDUCING)
 def test_reducing_matches_budget_and_batch_of_one(variant, method):
     model = eva(variant)
     dense = vitslim.count_macs(model)
@@ -80,7 +81,7 @@ def test_reducing_matches_budget_and_batch_of_one(variant, method):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(EVA_METHODS))
+@pytest.mark.parametrize("method", REDUCING)
 def test_macs_budget_within_two_percent_on_eva02_at_224(method):
     dense = timm.create_model("eva02_tiny_patch14_224")
     dense_macs = vitslim.count_macs(dense)
@@ -167,14 +168,14 @@ def test_identity_row_leaves_a_token_unrotated():
     assert torch.equal(rotated[:, :, 0], q[:, :, 0]) and torch.equal(rotated[:, :, 2], q[:, :, 2])
 
 
-@pytest.mark.parametrize("method", ["sit", "spvit", "prune_merge", "cdcp", "cait"])
+@pytest.mark.parametrize("method", ["sit", "prune_merge", "cdcp", "cait"])
 def test_methods_that_do_not_carry_positions_are_refused_in_one_line(method):
     model = eva("eva02")
     with pytest.raises(VitslimError) as err:
         vitslim.patch(model, method, macs=0.6)
     message = str(err.value)
     assert "\n" not in message and f"{method} does not run on eva models" in message
-    assert "atme, evit, tome, topk" in message
+    assert "atme, evit, spvit, tome, topk" in message
     assert not vitslim.is_patched(model)
 
 
@@ -218,10 +219,17 @@ def test_grad_checkpointing_recomputes_each_block_on_its_own_positions(variant):
         torch.testing.assert_close(p.grad, g)
 
 
-def test_eva_trains_a_step_with_a_reducing_method():
+@pytest.mark.parametrize("method, options", [("tome", {"r": 4}), ("spvit", {"keep_rate": 0.7})])
+def test_eva_trains_a_step_with_a_reducing_method(method, options):
+    """ToMe, and SPViT with its Gumbel masks and package tokens (each stage's gets no position)."""
     model = eva("eva02").train()
-    vitslim.patch(model, "tome", r=4)
-    out = model(_images(4))
+    vitslim.patch(model, method, **options)
+    state = model.forward_tokens(_images(4))
+    if method == "spvit":  # one package token per stage, appended without a position
+        n0 = state.num_patches0
+        assert state.x.shape[1] == 1 + n0 + 3 and torch.equal(state.pos[:, n0:], torch.full((4, 3), n0))
+        assert {a.name for a in state.aux if hasattr(a, "name")} >= {"ratio"}
+    out = model.forward_head_state(state)
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)

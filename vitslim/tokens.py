@@ -196,6 +196,15 @@ def keep_tokens(state: TokenState, idx: Tensor, fuse_weights: Tensor | None = No
     return state
 
 
+def append_unplaced(state: TokenState, tokens: Tensor) -> TokenState:
+    """Append patch-side tokens that stand for no single patch (SPViT's package token); they get no position."""
+    if state.rope is not None:
+        pos = state.positions().expand(tokens.shape[0], -1)
+        state.pos = torch.cat([pos, pos.new_full((tokens.shape[0], tokens.shape[1]), state.num_patches0)], dim=1)
+    state.x = torch.cat([state.x, tokens], dim=1)
+    return state
+
+
 def _record_dropped(state: TokenState, keep: Tensor) -> Dropped:
     """``state.dropped`` plus the patches whose current token is not in ``keep`` (B, K), with its value now."""
     source, x = state.source, state.x

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from vitslim.errors import VitslimError
 from vitslim.kernels import BlockKernel
 from vitslim.methods.base import KeepRateLevels, Method, MethodOptions, Reducer, check_rate, register, resolve_locations
-from vitslim.tokens import FINAL, AuxLoss, TokenState, TokenTarget, keep_tokens
+from vitslim.tokens import FINAL, AuxLoss, TokenState, TokenTarget, append_unplaced, keep_tokens
 
 RATIO_WEIGHT = 2.0  # official --ratiow, divided by the number of stages
 POLICY_EPS = 1e-6  # SPViT/DynamicViT's masked softmax: (e_ij + eps/N) / (sum_k e_ik + eps)
@@ -137,7 +137,7 @@ class SelectorStage(Reducer):
         keep = keep * (1 - packages) + packages  # earlier package tokens always stay
         dropped = prev - keep
         package = torch.nan_to_num((keep_prob * dropped).unsqueeze(1) @ side)  # (B, 1, C)
-        state.x = torch.cat([x, package], dim=1)
+        state = append_unplaced(state, package)
         ones = x.new_ones(batch, p)
         policy = torch.cat([ones, keep, x.new_ones(batch, 1)], dim=1)
         state.kernel = PolicyKernel(policy, (earlier.keep if earlier is not None else []) + [keep[:, :self.n0]])
@@ -209,6 +209,11 @@ class SPViT(KeepRateLevels, Method):
     def needs_teacher(cls, options: dict[str, Any]) -> bool:
         """The final kept tokens are distilled from the dense model."""
         return True
+
+    @classmethod
+    def runs_on(cls, family: str) -> bool:
+        """Also on rotary ViTs (Eva): kept tokens keep their positions, package tokens have none."""
+        return family in ("vit", "eva")
 
     def reducers(self) -> dict[int, Reducer]:
         m = self.model
