@@ -15,8 +15,6 @@ fused token): they are treated like the prefix tokens, which timm never rotates.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -246,14 +244,9 @@ def supported_models() -> str:
     return "; ".join(f.supported for f in _FAMILIES)
 
 
-def find_family(model: Any) -> Family | None:
-    """The family ``model`` belongs to, or None."""
-    return next((f for f in _FAMILIES if f.matches(model)), None)
-
-
 def family_of(model: nn.Module) -> Family:
     """The family of a supported model; a VitslimError naming what is supported otherwise."""
-    family = find_family(model)
+    family = next((f for f in _FAMILIES if f.matches(model)), None)
     if family is None:
         raise VitslimError(f"{type(model).__name__} is not supported; vitslim supports {supported_models()}")
     family.check(model)

@@ -28,11 +28,6 @@ from vitslim.tokens import TokenState, init_source
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-def check_supported(model: nn.Module) -> Family:
-    """The model's family (``vitslim.families``); a VitslimError unless the spine can run its blocks."""
-    return family_of(model)
-
-
 def check_input(model: nn.Module, images: Tensor) -> None:
     """Raise a VitslimError if the images cannot go through the model's patch embedding."""
     pe = model.patch_embed
@@ -159,9 +154,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_attn: bool | None) -> nn.Module:
+def _attach(model: nn.Module, family: Family, method_name: str, options: dict[str, Any],
+            prop_attn: bool | None) -> nn.Module:
     method_cls = get_method(method_name)
-    family = family_of(model)
     method = method_cls(model, **options)
     original = model.vitslim_config["original_class"] if is_patched(model) else type(model)
     unpatch(model)
@@ -184,11 +179,11 @@ def _attach(model: nn.Module, method_name: str, options: dict[str, Any], prop_at
 def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn: bool | None = None,
           **options: Any) -> nn.Module:
     """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs."""
-    family = check_supported(model)  # a patched model still is its original class, blocks untouched
+    family = family_of(model)  # a patched model still is its original class, blocks untouched
     check_runs_on(get_method(method), family)
     options = get_method(method).prepare(model, dict(options))
     if macs is None:
-        return _attach(model, method, options, prop_attn)
+        return _attach(model, family, method, options, prop_attn)
     try:
         target = float(macs)
     except (TypeError, ValueError):
@@ -205,7 +200,7 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
         level_options = method_cls.options_for_level(model, level, **base)
         macs_level = method_cls.level_macs(model, level_options, dense)  # a formula, where the method has one
         if macs_level is None:
-            _attach(model, method, level_options, prop_attn)
+            _attach(model, family, method, level_options, prop_attn)
             macs_level = count_macs(model)
         return macs_level / dense
 
@@ -215,7 +210,7 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     except VitslimError:
         unpatch(model)
         raise
-    _attach(model, method, method_cls.options_for_level(model, level, **base), prop_attn)
+    _attach(model, family, method, method_cls.options_for_level(model, level, **base), prop_attn)
     model.vitslim_config["macs_target"] = target
     return model
 
@@ -237,7 +232,7 @@ def strip_training_modules(model: nn.Module) -> nn.Module:
     if options == cfg["options"]:
         return model
     state, macs_target = model.state_dict(), cfg["macs_target"]
-    _attach(model, cfg["method"], options, cfg["prop_attn"])
+    _attach(model, cfg["family"], cfg["method"], options, cfg["prop_attn"])
     model.vitslim_config["macs_target"] = macs_target
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in own})  # strict: nothing the model needs is lost
@@ -248,7 +243,7 @@ def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -
     """Method, options and tokens per block (into attention, into MLP) of a (patched) model."""
     input_size = input_size or default_input_size(model)
     if not is_patched(model):
-        check_supported(model)
+        family_of(model)
         n = model.num_prefix_tokens + model.patch_embed.num_patches
         return {"method": "dense", "options": {}, "macs_target": None,
                 "tokens": [(n, n)] * len(model.blocks), "plan": {}}

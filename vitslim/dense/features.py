@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
-from vitslim.patch import check_input, check_supported, is_patched
+from vitslim.families import family_of
+from vitslim.patch import check_input, is_patched
 from vitslim.tokens import TokenState, unmerge
 
 RESTORES = ("dropped", "fused")
@@ -36,7 +37,7 @@ def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] |
                        restore: str = "dropped", norm: bool = True
                        ) -> tuple[Tensor | list[Tensor], TokenState | None]:
     """``features`` and the final ``TokenState`` (its ``aux`` feeds training; None for an unpatched model)."""
-    check_supported(model)
+    family_of(model)
     check_input(model, images)
     if restore not in RESTORES:
         raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")

@@ -27,7 +27,8 @@ from vitslim.data import IMAGE_MODES, build_transform, data_config, load_image
 from vitslim.dense.features import block_indices, patch_grid
 from vitslim.errors import VitslimError
 from vitslim.io import atomic_write
-from vitslim.patch import check_input, check_supported, is_patched
+from vitslim.families import family_of
+from vitslim.patch import check_input, is_patched
 from vitslim.tokens import TokenState, init_source
 
 PRUNED = -1
@@ -71,7 +72,7 @@ def token_groups(model: nn.Module, images: Tensor, blocks: Sequence[int] | None 
     ``blocks`` are 0-based (negative counts from the end), by default ``default_blocks``. An
     unpatched model keeps every patch its own token.
     """
-    check_supported(model)
+    family_of(model)
     check_input(model, images)
     depth = len(model.blocks)
     picked = default_blocks(depth) if blocks is None else block_indices(blocks, depth)

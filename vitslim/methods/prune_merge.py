@@ -56,9 +56,9 @@ from torch import Tensor, nn
 from vitslim.budget import LEVEL_STEP
 from vitslim.calibration import MEMORY_BUDGET, backward_bytes, dense_copy, gradient_sums, micro_batch_size
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.measure.macs import analytic_macs, default_input_size
 from vitslim.io import atomic_write
-from vitslim.patch import check_supported
 from vitslim.methods.base import (Method, MethodOptions, ParamOptions, Reducer, calibration_batches, check_locations,
                                   check_rate, register)
 from vitslim.tokens import TokenState, init_source
@@ -109,7 +109,7 @@ def calibrate(model: nn.Module, calibration: Any = None, *, batches: int | None 
     copy in eval mode with explicit attention, in micro-batches whose attention maps and gradients
     fit ``memory_budget`` bytes (the scores equal one pass over each whole batch).
     """
-    check_supported(model)
+    family_of(model)
     scorer = dense_copy(model)
     probs: list[Tensor] = []
     hooks = []
