@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from vitslim import _compat  # noqa: F401
 from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from timm.models.pit import PoolingVisionTransformer
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vitslim.errors import VitslimError
 from vitslim.kernels import BlockKernel, attn_residual, mlp_residual
-from vitslim.tokens import TokenState
+from vitslim.tokens import TokenState, append_unplaced, init_source, restore_patches
 
 
 class Family:
@@ -41,6 +42,71 @@ class Family:
 
     def check(self, model: nn.Module) -> None:
         """Raise a VitslimError if some part of the model is a variant the spine cannot run exactly."""
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks in the order they run (across stages where the model has them)."""
+        return list(model.blocks)
+
+    def num_prefix(self, model: nn.Module) -> int:
+        """Tokens in front of the patch tokens (class, distillation, registers) that are never reduced."""
+        return model.num_prefix_tokens
+
+    def block_stages(self, model: nn.Module) -> list[int]:
+        """For each block, the stage it belongs to; tokens are reduced within a stage (one stage: all 0)."""
+        return [0] * len(self.blocks(model))
+
+    def stage_patches(self, model: nn.Module) -> list[int]:
+        """For each block, the patch tokens its stage starts with (the dense model's, at its own input size)."""
+        return [model.patch_embed.num_patches] * len(self.blocks(model))
+
+    def reduction_points(self, model: nn.Module, between_blocks: bool = False) -> list[int]:
+        """Default blocks for methods that reduce at a few places: a quarter, half and three quarters of the depth.
+
+        ``between_blocks``: the method acts before its block (not after the block's attention)."""
+        depth = len(self.blocks(model))
+        return sorted({max(1, depth // 4), depth // 2, (3 * depth) // 4})
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """The (C, H, W) input the model was built for."""
+        pe = model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def check_input(self, model: nn.Module, images: Tensor) -> None:
+        """Raise a VitslimError if the images cannot go through the model's patch embedding."""
+        pe = model.patch_embed
+        if images.dim() != 4 or images.shape[1] != pe.proj.in_channels:
+            raise VitslimError(
+                f"expected images of shape (B, {pe.proj.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        h, w = images.shape[-2:]
+        ph, pw = pe.patch_size
+        if getattr(model, "dynamic_img_size", False) or pe.dynamic_img_pad:
+            if h < ph or w < pw:
+                raise VitslimError(f"image size {h}x{w} is smaller than one {ph}x{pw} patch")
+            if not pe.dynamic_img_pad and (h % ph or w % pw) and pe.strict_img_size:
+                raise VitslimError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+            return
+        _check_size(pe.img_size, h, w, ", or create the model with dynamic_img_size=True")
+
+    def traces_source(self, model: nn.Module) -> bool:
+        """True if the spine must trace where every patch went (to restore the grid between stages)."""
+        return False
+
+    def after_block(self, model: nn.Module, state: TokenState, index: int) -> TokenState:
+        """Called after block ``index`` and its reducer: e.g. the end of a stage (restore, pool, restart)."""
+        return state
+
+    def teacher_tokens(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+        """For an unpatched model: what its head takes (``forward_features``) and the final-norm patch tokens."""
+        features = model.forward_features(images)
+        return features, features[:, self.num_prefix(model):]
+
+    def model_args(self, model: nn.Module) -> dict:
+        """The timm ``create_model`` arguments that rebuild the model's shapes (sizes only)."""
+        pe = model.patch_embed
+        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+                    num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
+                    num_heads=model.blocks[0].attn.num_heads, global_pool=model.global_pool)
 
     def embed(self, model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
         """Tokens (B, N, C) after the position embedding and pre-norm, the patch grid (None when the
@@ -223,6 +289,135 @@ def rotary_rows(state: TokenState, index: int) -> Tensor | None:
     return rows.view(table.shape[0], state.pos.shape[0], n, -1).transpose(0, 1)  # (B, heads, n, 2D)
 
 
+class PiTFamily(Family):
+    """timm ``PoolingVisionTransformer`` (PiT): stages of plain blocks, a pooling layer between stages.
+
+    Tokens are reduced within a stage only. At a stage's end the patch grid is restored
+    (``tokens.restore_patches``: merged tokens back on their patches, pruned patches with the value
+    they had when dropped), the pooling layer shrinks it and maps the class token (and any carried
+    package tokens, ``TokenState.unplaced``) through its linear layer, and the next stage starts on
+    the whole smaller grid. The spine therefore traces where every patch goes (a gather per reduction).
+    """
+
+    name = "pit"
+    supported = "timm PoolingVisionTransformer (PiT, incl. distilled PiT) with the standard Block and Attention"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, PoolingVisionTransformer)
+
+    def check(self, model: nn.Module) -> None:
+        for i, blk in enumerate(self.blocks(model)):
+            if type(blk) is not Block or type(getattr(blk, "attn", None)) is not Attention:
+                raise VitslimError(f"block {i} is a {type(blk).__name__}; vitslim supports {supported_models()}")
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [blk for stage in model.transformers for blk in stage.blocks]
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return model.num_tokens
+
+    def block_stages(self, model: nn.Module) -> list[int]:
+        return [s for s, stage in enumerate(model.transformers) for _ in stage.blocks]
+
+    def stage_patches(self, model: nn.Module) -> list[int]:
+        grids = self.stage_grids(model)
+        return [grids[s][0] * grids[s][1] for s in self.block_stages(model)]
+
+    def stage_grids(self, model: nn.Module) -> list[tuple[int, int]]:
+        """The patch grid each stage runs on (each pooling halves it, rounding up)."""
+        grid, grids = tuple(model.patch_embed.grid_size), []
+        for stage in model.transformers:
+            if stage.pool is not None:
+                conv = stage.pool.conv
+                grid = tuple((g + 2 * pad - k) // st + 1
+                             for g, pad, k, st in zip(grid, conv.padding, conv.kernel_size, conv.stride))
+            grids.append(grid)
+        return grids
+
+    def reduction_points(self, model: nn.Module, between_blocks: bool = False) -> list[int]:
+        """One per stage, a quarter into it: after the attention of its first block (6 blocks: of its second),
+        or before its second block for methods that act between blocks."""
+        points, start = [], 0
+        for stage in model.transformers:
+            depth = len(stage.blocks)
+            if depth > 1 or not between_blocks:
+                points.append(start + (max(1, depth // 4) if between_blocks else depth // 4))
+            start += depth
+        return points
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return (model.patch_embed.conv.in_channels, *model.patch_embed.img_size)
+
+    def check_input(self, model: nn.Module, images: Tensor) -> None:
+        channels = model.patch_embed.conv.in_channels
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise VitslimError(f"expected images of shape (B, {channels}, H, W), got {tuple(images.shape)}")
+        _check_size(model.patch_embed.img_size, *images.shape[-2:], " (PiT's position embedding has a fixed size)")
+
+    def traces_source(self, model: nn.Module) -> bool:
+        return len(model.transformers) > 1
+
+    def embed(self, model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
+        x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+        cls = model.cls_token.expand(x.shape[0], -1, -1)
+        first = model.transformers[0]
+        if first.pool is not None:
+            x, cls = first.pool(x, cls)
+        grid = tuple(x.shape[-2:])
+        return first.norm(torch.cat([cls, x.flatten(2).transpose(1, 2)], dim=1)), grid, None
+
+    def after_block(self, model: nn.Module, state: TokenState, index: int) -> TokenState:
+        """At a stage's last block (but the model's last): restore the grid, pool, restart on the new grid."""
+        ends = self._stage_ends(model)
+        if index not in ends or index == ends[-1]:
+            return state
+        stage = model.transformers[ends.index(index) + 1]
+        p, x = state.num_prefix, state.x
+        patches = restore_patches(state)  # (B, n0, C)
+        grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *state.grid0)
+        carried = x[:, x.shape[1] - state.unplaced:] if state.unplaced else None
+        grid, prefix = stage.pool(grid, x[:, :p])
+        tokens = stage.norm(torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1))
+        new_grid = tuple(grid.shape[-2:])
+        fresh = TokenState(x=tokens, num_prefix=p, grid0=new_grid, grid=new_grid, prop_attn=state.prop_attn,
+                           aux=state.aux, trace=state.trace)
+        if state.source is not None:
+            fresh.source = init_source(x.shape[0], new_grid, p, x.device)
+        if carried is not None:  # package tokens go through the pooling's linear map, like the class token
+            fresh = append_unplaced(fresh, stage.norm(stage.pool.fc(carried)))
+        return fresh
+
+    def _stage_ends(self, model: nn.Module) -> list[int]:
+        ends, last = [], -1
+        for stage in model.transformers:
+            last += len(stage.blocks)
+            ends.append(last)
+        return ends
+
+    def head(self, model: nn.Module, state: TokenState, pre_logits: bool = False) -> Tensor:
+        return model.forward_head(state.x[:, :state.num_prefix], pre_logits=pre_logits)
+
+    def teacher_tokens(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+        cls = model.cls_token.expand(x.shape[0], -1, -1)
+        x, cls = model.transformers((x, cls))
+        return model.norm(cls), model.norm(x.flatten(2).transpose(1, 2))
+
+    def model_args(self, model: nn.Module) -> dict:
+        pe = model.patch_embed
+        return dict(img_size=pe.img_size[0], patch_size=pe.patch_size[0], stride=pe.conv.stride[0],
+                    in_chans=pe.conv.in_channels, num_classes=model.num_classes, base_dims=list(model.base_dims),
+                    heads=list(model.heads), depth=[len(stage.blocks) for stage in model.transformers],
+                    mlp_ratio=self.blocks(model)[0].mlp.fc1.out_features / self.blocks(model)[0].mlp.fc1.in_features,
+                    distilled=model.head_dist is not None, global_pool=model.global_pool)
+
+
+def _check_size(img_size: tuple[int, int], h: int, w: int, hint: str) -> None:
+    """A one-line error unless the images are (h, w) = the model's fixed input size."""
+    if (h, w) != tuple(img_size):
+        raise VitslimError(f"this model takes {img_size[0]}x{img_size[1]} images, got {h}x{w}: resize the input{hint}")
+
+
 def _patches(model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """The patch embedding's output and its grid (NHWC output under dynamic_img_size)."""
     x = model.patch_embed(images)
@@ -230,7 +425,7 @@ def _patches(model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]
 
 
 VIT = ViTFamily()
-_FAMILIES: list[Family] = [VIT, EvaFamily()]
+_FAMILIES: list[Family] = [VIT, EvaFamily(), PiTFamily()]
 
 
 def register_family(family: Family) -> Family:

@@ -16,6 +16,7 @@ from vitslim import _compat  # noqa: F401  (torchvision shim before timm)
 import timm
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.io import state_mismatch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
@@ -101,10 +102,7 @@ def model_spec(model: torch.nn.Module) -> dict | None:
     name = cfg.get("architecture")
     if not name or not timm.is_model(name) or not hasattr(model, "patch_embed"):
         return None
-    pe = model.patch_embed
-    args = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-                num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
-                num_heads=model.blocks[0].attn.num_heads, global_pool=model.global_pool)
+    args = family_of(model).model_args(model)
     # sizes only: record the block layout too, so that an override the sizes do not show (e.g. Eva's
     # use_post_norm, same parameter names) is refused on load rather than rebuilt as the default
     return {"architecture": name, "model_args": args, "pretrained_cfg": dict(cfg), "layout": block_layout(model)}
@@ -112,7 +110,7 @@ def model_spec(model: torch.nn.Module) -> dict | None:
 
 def block_layout(model: torch.nn.Module) -> list[str]:
     """The class names of the first block, its attention and its MLP."""
-    blk = model.blocks[0]
+    blk = family_of(model).blocks(model)[0]
     return [type(blk).__name__, type(blk.attn).__name__, type(blk.mlp).__name__]
 
 

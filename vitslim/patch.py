@@ -30,24 +30,7 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 def check_input(model: nn.Module, images: Tensor) -> None:
     """Raise a VitslimError if the images cannot go through the model's patch embedding."""
-    pe = model.patch_embed
-    if images.dim() != 4 or images.shape[1] != pe.proj.in_channels:
-        raise VitslimError(
-            f"expected images of shape (B, {pe.proj.in_channels}, H, W), got {tuple(images.shape)}"
-        )
-    h, w = images.shape[-2:]
-    ph, pw = pe.patch_size
-    if getattr(model, "dynamic_img_size", False) or pe.dynamic_img_pad:
-        if h < ph or w < pw:
-            raise VitslimError(f"image size {h}x{w} is smaller than one {ph}x{pw} patch")
-        if not pe.dynamic_img_pad and (h % ph or w % pw) and pe.strict_img_size:
-            raise VitslimError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        return
-    if (h, w) != tuple(pe.img_size):
-        raise VitslimError(
-            f"this model takes {pe.img_size[0]}x{pe.img_size[1]} images, got {h}x{w}: resize the "
-            "input, or create the model with dynamic_img_size=True"
-        )
+    family_of(model).check_input(model, images)
 
 
 def block_forward(blk: nn.Module, state: TokenState, reducer: Reducer | None, ckpt: bool = False,
@@ -91,22 +74,23 @@ class VitslimMixin:
 
         ``on_block(i, state)`` is called after block ``i`` (e.g. to read intermediate features).
         """
-        check_input(self, x)
-        if attn_mask is not None:
-            raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
         cfg = self.vitslim_config
         family = cfg["family"]
+        family.check_input(self, x)
+        if attn_mask is not None:
+            raise VitslimError("attn_mask is not supported on a patched model: unpatch it first")
         x, grid, rope = family.embed(self, x)
-        p = self.num_prefix_tokens
+        p = family.num_prefix(self)
         state = TokenState(x=x, num_prefix=p, grid0=grid or (1, x.shape[1] - p), grid=grid,
                            prop_attn=cfg["prop_attn"], trace=[] if trace else None, rope=rope)
-        if trace_source:
+        if trace_source or family.traces_source(self):
             state.source = init_source(x.shape[0], state.grid0, p, x.device)
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, (blk, reducer) in enumerate(zip(self.blocks, self._vitslim_plan)):
+        ckpt = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for i, (blk, reducer) in enumerate(zip(self._vitslim_blocks, self._vitslim_plan)):
             state = block_forward(blk, state, reducer, ckpt, family, i)
             if on_block is not None:
                 on_block(i, state)
+            state = family.after_block(self, state, i)
         state.x = self.norm(state.x)
         for reducer in self.vitslim_reducers.values():
             state = reducer.after_model(state)
@@ -151,6 +135,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model.vitslim_reducers
     del model.vitslim_config
     del model._vitslim_plan
+    del model._vitslim_blocks
     return model
 
 
@@ -163,7 +148,8 @@ def _attach(model: nn.Module, family: Family, method_name: str, options: dict[st
     reducers = method.reducers()
     model.vitslim_reducers = nn.ModuleDict({str(i): r for i, r in sorted(reducers.items())})
     model.vitslim_reducers.train(model.training)  # patching an eval model must not leave training-mode reducers
-    model._vitslim_plan = [reducers.get(i) for i in range(len(model.blocks))]
+    model._vitslim_blocks = family.blocks(model)  # a plain list: not registered, the state dict is unchanged
+    model._vitslim_plan = [reducers.get(i) for i in range(len(model._vitslim_blocks))]
     model.vitslim_config = {
         "method": method_name,
         "options": method.options,
@@ -243,10 +229,10 @@ def describe(model: nn.Module, input_size: tuple[int, int, int] | None = None) -
     """Method, options and tokens per block (into attention, into MLP) of a (patched) model."""
     input_size = input_size or default_input_size(model)
     if not is_patched(model):
-        family_of(model)
-        n = model.num_prefix_tokens + model.patch_embed.num_patches
+        family = family_of(model)
+        p = family.num_prefix(model)
         return {"method": "dense", "options": {}, "macs_target": None,
-                "tokens": [(n, n)] * len(model.blocks), "plan": {}}
+                "tokens": [(p + n, p + n) for n in family.stage_patches(model)], "plan": {}}
     was_training = model.training
     model.eval()
     try:

@@ -25,6 +25,8 @@ Conventions (all methods rely on them):
   position each token uses, or ``num_patches0`` for none (the identity rotation, as for the
   prefix). ``None``: still the original patches in order. A pruned token's neighbours keep their
   own; a merged token keeps its destination's (ToMe) or anchor's (ATME); a fused token has none.
+- ``unplaced``: how many of the last tokens stand for no patch and are carried on across a
+  pooling layer like the class token (SPViT's package tokens, ``append_unplaced``); 0: none.
 Merges are index-adds of weighted differences onto the destination rows, or scatter-sums then a
 divide (never scatter-mean), so they export to ONNX.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,6 +88,7 @@ class TokenState:
     block_source: Tensor | None = None  # traced states: grouping used inside the last block only
     rope: Tensor | None = None  # rotary tables of the model's family (None: positions do not matter)
     pos: Tensor | None = None  # with rope: each patch-side token's original patch (None: all, in order)
+    unplaced: int = 0  # the last tokens that stand for no patch and are carried across a pooling
 
     def computed_source(self) -> Tensor | None:
         """The source map of the tokens the last block computed on (``block_source``, else ``source``)."""
@@ -202,6 +205,7 @@ def append_unplaced(state: TokenState, tokens: Tensor) -> TokenState:
         pos = state.positions().expand(tokens.shape[0], -1)
         state.pos = torch.cat([pos, pos.new_full((tokens.shape[0], tokens.shape[1]), state.num_patches0)], dim=1)
     state.x = torch.cat([state.x, tokens], dim=1)
+    state.unplaced += tokens.shape[1]
     return state
 
 
@@ -296,6 +300,29 @@ def unmerge(state: TokenState, x: Tensor | None = None, fill: float = 0.0) -> Te
     full = gather_tokens(x, state.source.clamp(min=0))
     pruned = (state.source < 0).unsqueeze(-1)
     return torch.where(pruned, torch.full_like(full, fill), full) if bool(pruned.any()) else full
+
+
+def restore_patches(state: TokenState, x: Tensor | None = None, fused: bool = False,
+                    post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Every original patch's token (B, n0, C): ``unmerge``, and a pruned or fused patch the value its
+    token had when it was dropped (``state.dropped``, through ``post``, e.g. the final norm).
+
+    ``fused=True`` keeps a fused patch on the token it was fused into (only pruned ones are restored).
+    Without a traced source (the ideal's truncated dense pass) the first tokens are taken, zero-padded.
+    """
+    x = state.x if x is None else x
+    if state.source is None:
+        patches = x[:, state.num_prefix:state.num_prefix + state.num_patches0]
+        return torch.nn.functional.pad(patches, (0, 0, 0, state.num_patches0 - patches.shape[1]))
+    # no data-dependent branches: this runs inside PiT's forward, which must trace for ONNX and compile
+    full = gather_tokens(x, state.source.clamp(min=0))
+    full = torch.where((state.source < 0).unsqueeze(-1), torch.zeros_like(full), full)
+    dropped = state.dropped
+    if dropped is not None:
+        mask = dropped.mask & (state.source < 0) if fused else dropped.mask
+        values = dropped.values if post is None else post(dropped.values)
+        full = torch.where(mask.unsqueeze(-1), values.to(full.dtype), full)
+    return full
 
 
 def unmerge_grid(state: TokenState, x: Tensor | None = None, fill: float = 0.0) -> Tensor:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
+
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
 from vitslim.families import family_of
 from vitslim.patch import check_input, is_patched
-from vitslim.tokens import TokenState, unmerge
+from vitslim.tokens import TokenState, restore_patches
 
 RESTORES = ("dropped", "fused")
 
@@ -73,12 +73,7 @@ def block_indices(blocks: Sequence[int] | int | None, depth: int) -> list[int] |
 
 def _grid(state: TokenState, x: Tensor, restore: str, post: Callable[[Tensor], Tensor]) -> Tensor:
     """Tokens ``x`` of ``state`` on the full patch grid (B, C, H, W), pruned patches restored."""
-    full = unmerge(state, x)
-    dropped = state.dropped
-    if dropped is not None:
-        mask = dropped.mask if restore == "dropped" else dropped.mask & (state.source < 0)
-        if bool(mask.any()):
-            full = torch.where(mask.unsqueeze(-1), post(dropped.values).to(full.dtype), full)
+    full = restore_patches(state, x, fused=restore == "fused", post=post)
     h, w = state.grid0
     return full.transpose(1, 2).reshape(full.shape[0], full.shape[2], h, w)
 

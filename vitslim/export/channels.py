@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.models import model_spec
 from vitslim.patch import is_patched, patch, unpatch
 
@@ -78,7 +79,7 @@ def resize_block(blk: nn.Module, head_dim: int, hidden: int) -> None:
 
 def channel_counts(model: nn.Module) -> list[list[int]]:
     """Per block [head dim, MLP hidden] of a (sliced) model."""
-    return [[blk.attn.head_dim, blk.mlp.fc1.out_features] for blk in model.blocks]
+    return [[blk.attn.head_dim, blk.mlp.fc1.out_features] for blk in family_of(model).blocks(model)]
 
 
 def slim(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from vitslim._version import __version__
 from vitslim.errors import VitslimError
 from vitslim.export.channels import CHANNEL_METHODS, channel_counts, resize_block
 from vitslim.export.inference import deployable
+from vitslim.families import family_of
 from vitslim.io import atomic_write, load_state_strict
 from vitslim.models import build_from_spec, model_spec
 from vitslim.patch import is_patched, patch
@@ -83,7 +84,7 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     meta = read_metadata(path)
     model = build_from_spec(meta["spec"])
-    for blk, (head_dim, hidden) in zip(model.blocks, meta["channels"]):
+    for blk, (head_dim, hidden) in zip(family_of(model).blocks(model), meta["channels"]):
         resize_block(blk, head_dim, hidden)
     model.vitslim_channels = meta["channels"]
     if meta.get("method"):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from vitslim.families import family_of
+
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -41,8 +43,7 @@ _EXTRA_FORMULAS = {
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The (C, H, W) input the model was built for."""
-    pe = model.patch_embed
-    return (pe.proj.in_channels, *pe.img_size)
+    return family_of(model).input_size(model)
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None, *,
@@ -50,11 +51,18 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     """MACs per image of one forward pass (eval mode); ``by_op`` gives the split by operator."""
     input_size = tuple(input_size or default_input_size(model))
     was_training = model.training
+    # FlopCounterMode's module tracker fails on a view of a grad-requiring parameter passed inside a
+    # tuple (PiT's stages take (tokens, class token)): count with gradients off on the parameters
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in needs_grad:
+            p.requires_grad_(False)
         with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
             model(torch.zeros(batch_size, *input_size))
     finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
         model.train(was_training)
     if by_op:
         counts = counter.get_flop_counts()["Global"]

@@ -147,13 +147,14 @@ class IdealSchedule(nn.Module):
         """Logits of a dense pass that simply truncates to each block's token counts."""
         m, family = self.model, self.family
         x, grid, rope = family.embed(m, images)
-        state = TokenState(x=x, num_prefix=m.num_prefix_tokens, grid0=grid or (1, 1), rope=rope)
-        for i, (blk, (n_attn, n_mlp)) in enumerate(zip(m.blocks, self.tokens)):
+        state = TokenState(x=x, num_prefix=family.num_prefix(m), grid0=grid or (1, 1), grid=grid, rope=rope)
+        for i, (blk, (n_attn, n_mlp)) in enumerate(zip(family.blocks(m), self.tokens)):
             state.x = state.x[:, :n_attn]  # the rotary rows follow: the first patches, in order
             state.x, _ = family.attn_residual(blk, state.x, family.block_positions(state, i), state.num_prefix,
                                               None, DEFAULT_KERNEL, False)
             state.x = family.mlp_residual(blk, state.x[:, :n_mlp], DEFAULT_KERNEL)
-        return m.forward_head(m.norm(state.x))
+            state = family.after_block(m, state, i)  # a stage end pads the grid back (no source traced)
+        return family.head(m, TokenState(x=m.norm(state.x), num_prefix=state.num_prefix, grid0=state.grid0))
 
 
 def ideal_model(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> nn.Module:

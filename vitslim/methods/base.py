@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from vitslim.budget import LEVEL_STEP
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.kernels import BlockKernel
 from vitslim.tokens import TokenState
 
@@ -317,11 +318,6 @@ def calibration_batches(calibration: Any, limit: int, batch_size: int = 32) -> I
                                f"(images, labels) pair; got batches of type {type(batch).__name__}")
 
 
-def default_locations(depth: int) -> list[int]:
-    """Reduction blocks at a quarter, half and three quarters of the depth (DeiT: 3, 6, 9)."""
-    return sorted({max(1, depth // 4), depth // 2, (3 * depth) // 4})
-
-
 def check_locations(locations: Any, depth: int) -> list[int]:
     """Validate block indices (0-based) for a model of ``depth`` blocks."""
     try:
@@ -333,12 +329,14 @@ def check_locations(locations: Any, depth: int) -> list[int]:
     return locs
 
 
-def resolve_locations(method: str, locations: Any, depth: int, between_blocks: bool = False) -> list[int]:
-    """The blocks a method acts at: the default quarter points, or validated indices.
+def resolve_locations(method: str, locations: Any, model: nn.Module, between_blocks: bool = False) -> list[int]:
+    """The blocks a method acts at: the model family's default points (ViT: the quarter points), or validated indices.
 
     ``between_blocks``: the method acts before its block, so block 0 (the raw patch embeddings) is refused.
     """
-    locs = default_locations(depth) if locations is None else check_locations(locations, depth)
+    family = family_of(model)
+    depth = len(family.blocks(model))
+    locs = family.reduction_points(model, between_blocks) if locations is None else check_locations(locations, depth)
     if between_blocks and locs[0] == 0:
         raise VitslimError(f"{method} acts between blocks: locations must be >= 1 (before block 0 it would see "
                            "the raw patch embeddings)")

@@ -60,7 +60,7 @@ class EViTOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "EViTOptions":
         """Validated keep rates and locations for this model."""
-        locs = resolve_locations("evit", self.locations, len(model.blocks))
+        locs = resolve_locations("evit", self.locations, model)
         return EViTOptions(keep_rate=check_rates(self.keep_rate, locs), locations=locs,
                            keep_order=bool(self.keep_order))
 
@@ -75,8 +75,9 @@ class EViT(KeepRateLevels, Method):
 
     @classmethod
     def runs_on(cls, family: str) -> bool:
-        """Also on rotary ViTs (Eva): kept tokens keep their positions, the fused token has none."""
-        return family in ("vit", "eva")
+        """Also on rotary ViTs (Eva: kept tokens keep their positions, the fused token has none) and on PiT
+        (within each stage; a dropped patch gets back the value it had when dropped before the pooling)."""
+        return family in ("vit", "eva", "pit")
 
     def __init__(self, model: nn.Module, **options: Any):
         if getattr(model, "cls_token", None) is None:

@@ -145,7 +145,7 @@ class SiTOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "SiTOptions":
         """Validated keep rates and locations for this model."""
-        locs = resolve_locations("sit", self.locations, len(model.blocks), between_blocks=True)
+        locs = resolve_locations("sit", self.locations, model, between_blocks=True)
         return SiTOptions(keep_rate=check_rates(self.keep_rate, locs), locations=locs, reverse=bool(self.reverse))
 
 

@@ -20,6 +20,10 @@ deterministic top-K per image with K_s = int(n0 * target_s) patch tokens alive a
 real gather in raster order, and the package token built with the training formula. Shapes are
 static for a given budget, so any batch size works and the speed-up is real.
 
+On PiT (the paper's CNN-type case) the defaults put one selector in each stage and the targets restart
+in every stage (the grid is restored before each pooling); package tokens are carried through the
+pooling's linear map like the class token (``TokenState.unplaced``), each kept as its own token.
+
 Budgets: ``keep_rate`` is one rho (targets rho, rho^2, rho^3) or the cumulative targets per stage;
 ``macs=`` searches rho; ``vitslim.measure.fit_latency`` searches it for a latency measured here.
 """
@@ -33,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.kernels import BlockKernel
 from vitslim.methods.base import KeepRateLevels, Method, MethodOptions, Reducer, check_rate, register, resolve_locations
-from vitslim.tokens import FINAL, AuxLoss, TokenState, TokenTarget, append_unplaced, keep_tokens
+from vitslim.tokens import FINAL, AuxLoss, Dropped, TokenState, TokenTarget, append_unplaced, keep_tokens
 
 RATIO_WEIGHT = 2.0  # official --ratiow, divided by the number of stages
 POLICY_EPS = 1e-6  # SPViT/DynamicViT's masked softmax: (e_ij + eps/N) / (sum_k e_ik + eps)
@@ -137,6 +142,8 @@ class SelectorStage(Reducer):
         keep = keep * (1 - packages) + packages  # earlier package tokens always stay
         dropped = prev - keep
         package = torch.nan_to_num((keep_prob * dropped).unsqueeze(1) @ side)  # (B, 1, C)
+        if state.source is not None:  # traced: a masked patch's value now, as keep_tokens records at inference
+            state.dropped = _record_masked(state, side[:, :self.n0], dropped[:, :self.n0] > 0.5)
         state = append_unplaced(state, package)
         ones = x.new_ones(batch, p)
         policy = torch.cat([ones, keep, x.new_ones(batch, 1)], dim=1)
@@ -148,13 +155,15 @@ class SelectorStage(Reducer):
     def _infer(self, state: TokenState) -> TokenState:
         p = state.num_prefix
         side = state.x[:, p:]
-        alive = side.shape[1] - self.stage  # patch tokens still here; the rest are earlier package tokens
+        alive = side.shape[1] - state.unplaced  # patch tokens still here; the rest are earlier package tokens
         _, keep_prob = self.selector(side)
         k = min(self.keep_count, alive)
         idx = keep_prob[:, :alive].topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         batch = side.shape[0]
         earlier = torch.arange(alive, side.shape[1], device=side.device).expand(batch, -1)
-        return keep_tokens(state, torch.cat([idx, earlier], dim=1), fuse_weights=keep_prob)
+        state = keep_tokens(state, torch.cat([idx, earlier], dim=1), fuse_weights=keep_prob)
+        state.unplaced += 1  # the new package token, last (the earlier ones stay just before it)
+        return state
 
     def after_model(self, state: TokenState) -> TokenState:
         """Training, last stage: distil the final-norm patch tokens that are kept, from the teacher."""
@@ -168,17 +177,27 @@ class SelectorStage(Reducer):
         return f"stage={self.stage}, target={self.target}, keep_count={self.keep_count}"
 
 
-def keep_targets(keep_rate: Any, stages: int) -> list[float]:
-    """Cumulative keep targets per stage: one rho gives rho, rho^2, ...; a list is taken as the targets."""
+def keep_targets(keep_rate: Any, model_stages: list[int]) -> list[float]:
+    """Cumulative keep targets per selector: one rho gives rho, rho^2, ... within each of the model's
+    stages (``model_stages``: the model stage of each selector; a plain ViT has one); a list is taken as the targets."""
+    stages = len(model_stages)
     if isinstance(keep_rate, (list, tuple)):
         targets = [check_rate("keep_rate", r) for r in keep_rate]
         if len(targets) != stages:
             raise VitslimError(f"{len(targets)} keep targets for {stages} selector locations")
-        if any(b > a for a, b in zip(targets, targets[1:])):
+        pairs = zip(zip(targets, model_stages), zip(targets[1:], model_stages[1:]))
+        if any(b > a and sa == sb for (a, sa), (b, sb) in pairs):
             raise VitslimError(f"keep targets are cumulative fractions of the patches and must not grow: {targets}")
         return targets
     rho = check_rate("keep_rate", keep_rate)
-    return [round(rho ** (s + 1), 6) for s in range(stages)]
+    return [round(rho ** (model_stages[:s + 1].count(stage)), 6) for s, stage in enumerate(model_stages)]
+
+
+def _record_masked(state: TokenState, patches: Tensor, newly: Tensor) -> Dropped:
+    """``state.dropped`` plus the patches masked out just now, with their values now (training keeps every token)."""
+    if state.dropped is None:
+        return Dropped(torch.where(newly.unsqueeze(-1), patches, torch.zeros_like(patches)), newly)
+    return Dropped(torch.where(newly.unsqueeze(-1), patches, state.dropped.values), state.dropped.mask | newly)
 
 
 @dataclasses.dataclass
@@ -194,8 +213,9 @@ class SPViTOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "SPViTOptions":
         """Validated cumulative targets and locations for this model."""
-        locs = resolve_locations("spvit", self.locations, len(model.blocks), between_blocks=True)
-        return SPViTOptions(keep_rate=keep_targets(self.keep_rate, len(locs)), locations=locs)
+        locs = resolve_locations("spvit", self.locations, model, between_blocks=True)
+        stages = family_of(model).block_stages(model)
+        return SPViTOptions(keep_rate=keep_targets(self.keep_rate, [stages[b] for b in locs]), locations=locs)
 
 
 @register
@@ -212,13 +232,14 @@ class SPViT(KeepRateLevels, Method):
 
     @classmethod
     def runs_on(cls, family: str) -> bool:
-        """Also on rotary ViTs (Eva): kept tokens keep their positions, package tokens have none."""
-        return family in ("vit", "eva")
+        """Also on rotary ViTs (Eva: kept tokens keep their positions, package tokens have none) and on PiT
+        (the paper's CNN-type case: selectors within each stage, package tokens through the pooling's linear map)."""
+        return family in ("vit", "eva", "pit")
 
     def reducers(self) -> dict[int, Reducer]:
-        m = self.model
-        n0 = m.patch_embed.num_patches
+        family = family_of(self.model)
+        blocks, patches = family.blocks(self.model), family.stage_patches(self.model)
         locs, targets = self.config.locations, self.config.keep_rate
-        heads = m.blocks[0].attn.num_heads
-        return {block: SelectorStage(m.embed_dim, heads, s, len(locs), t, n0, last=s == len(locs) - 1)
+        return {block: SelectorStage(blocks[block].attn.qkv.in_features, blocks[block].attn.num_heads, s, len(locs),
+                                     t, patches[block], last=s == len(locs) - 1)
                 for s, (block, t) in enumerate(zip(locs, targets))}

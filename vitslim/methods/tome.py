@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.methods.base import AttnInfo, Method, MethodOptions, Reducer, register
 from vitslim.tokens import TokenState, bipartite_matching, merge_matched
 
@@ -74,7 +75,7 @@ class ToMeOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "ToMeOptions":
         """r as one int per block."""
-        return ToMeOptions(r=parse_r(self.r, len(model.blocks)))
+        return ToMeOptions(r=parse_r(self.r, len(family_of(model).blocks(model))))
 
 
 @register
@@ -87,20 +88,25 @@ class ToMe(Method):
 
     @classmethod
     def runs_on(cls, family: str) -> bool:
-        """Also on rotary ViTs (Eva): a merged token keeps its destination's position."""
-        return family in ("vit", "eva")
+        """Also on rotary ViTs (Eva: a merged token keeps its destination's position) and on PiT (merged
+        tokens go back on their patches before each pooling)."""
+        return family in ("vit", "eva", "pit")
 
     def reducers(self) -> dict[int, Reducer]:
         return {i: ToMeMerge(r) for i, r in enumerate(self.config.r) if r > 0}
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:
-        return len(model.blocks) * (model.patch_embed.num_patches // 2)
+        return sum(n // 2 for n in family_of(model).stage_patches(model))
 
     @classmethod
     def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
-        # level = total merges asked for; spread evenly, the remainder going to the earliest blocks
+        # level = total merges asked for, spread over the blocks in proportion to the patches their stage
+        # starts with (a plain ViT: evenly), the remainder going to the earliest blocks
         if "r" in options:
             raise VitslimError("give tome either r or macs=, not both")
-        depth = len(model.blocks)
-        return {"r": [level // depth + (1 if i < level % depth else 0) for i in range(depth)], **options}
+        weights = family_of(model).stage_patches(model)
+        total = sum(weights)
+        r = [level * w // total for w in weights]
+        rest = level - sum(r)
+        return {"r": [v + (1 if i < rest else 0) for i, v in enumerate(r)], **options}

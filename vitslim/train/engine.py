@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from vitslim._version import __version__
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.train.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
 from vitslim.train.config import TrainConfig
 from vitslim.io import atomic_write
@@ -148,8 +149,9 @@ def set_drop_path(model: nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly to ``rate`` over the blocks (timm's schedule)."""
     from timm.layers import DropPath
 
-    depth = len(model.blocks)
-    for i, blk in enumerate(model.blocks):
+    blocks = family_of(model).blocks(model)
+    depth = len(blocks)
+    for i, blk in enumerate(blocks):
         r = rate * i / max(depth - 1, 1)
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.patch import is_patched
 from vitslim.train.checkpoint import model_state
 from vitslim.train.config import TrainConfig
@@ -42,18 +43,18 @@ def teacher_outputs(teacher: nn.Module, images: Tensor) -> TeacherFn:
     def run(blocks: set[int]) -> tuple[Tensor, dict[int, Tensor]]:
         if "logits" in cache:
             return cache["logits"], cache["tokens"]
-        p = teacher.num_prefix_tokens
+        family = family_of(teacher)
+        p, teacher_blocks = family.num_prefix(teacher), family.blocks(teacher)
         tokens: dict[int, Tensor] = {}
-        hooks = [teacher.blocks[b].register_forward_hook(
+        hooks = [teacher_blocks[b].register_forward_hook(
             lambda _m, _i, out, b=b: tokens.__setitem__(b, out[:, p:])) for b in blocks if b != FINAL]
         try:
             with torch.no_grad():
-                features = teacher.forward_features(images)
+                features, tokens[FINAL] = family.teacher_tokens(teacher, images)  # final-norm patch tokens too
                 logits = teacher.forward_head(features)
         finally:
             for h in hooks:
                 h.remove()
-        tokens[FINAL] = features[:, p:]  # the final-norm patch tokens come with every forward
         cache.update(logits=logits, tokens=tokens)
         return logits, tokens
 
