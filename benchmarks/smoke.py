@@ -22,6 +22,9 @@ ENABLED = os.environ.get("VITSLIM_BENCH_SMOKE", "") not in ("", "0")
 # the tests' tiny ViT (tests/conftest.py): 32 px, patch 4 (64 patches + CLS), depth 4, width 64
 TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 TINY_ARCHITECTURE = "vit_tiny_patch16_224"  # the timm name the tiny model overrides
+# PiT models: PiT-Ti's widths at 224 px (27x27 -> 14x14 -> 7x7); narrower ones spend so much on the patch
+# embedding and poolings that ToMe cannot reach 0.5 MACs
+TINY_PIT = dict(base_dims=[32, 32, 32], heads=[2, 4, 8], num_classes=10)
 RUNS, WARMUP, BATCH, IMAGES = 5, 1, 2, 16  # timed runs (the fewest compare_speed takes), batch cap, images
 THREADS = 1  # two spinning OpenMP threads on a busy machine cost several times the work
 
@@ -45,6 +48,8 @@ def model_spec(spec: str) -> tuple[str, dict]:
     import vitslim  # noqa: F401  (before timm)
     import timm
 
+    if spec.startswith("pit_"):
+        return spec, dict(TINY_PIT)
     return (spec if timm.is_model(spec) else TINY_ARCHITECTURE), dict(TINY_VIT)
 
 

@@ -104,7 +104,7 @@ def second_queue(smoke):
     """Start the speed tables and the CIFAR-less fine-tune at once, beside the fine-tuning chain."""
     return {
         "foundation": smoke.later("bash", "benchmarks/foundation.sh"),
-        "speed": smoke.later("bash", "benchmarks/speed.sh", "sit", "spvit", "prune_merge", "cait"),
+        "speed": smoke.later("bash", "benchmarks/speed.sh", "sit", "spvit", "prune_merge", "cait", "pit"),
         # as in a clean clone without ../shared: digits instead of CIFAR-10
         "finetune": smoke.later("bash", "benchmarks/finetune_cifar10.sh", VITSLIM_SHARED="/nonexistent",
                                 VITSLIM_DATA="/nonexistent"),

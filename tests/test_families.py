@@ -182,8 +182,8 @@ def test_methods_that_do_not_carry_positions_are_refused_in_one_line(method):
 def test_unsupported_eva_variants_are_refused():
     with pytest.raises(VitslimError, match="patch_drop_rate=0"):
         vitslim.patch(timm.create_model("eva02_tiny_patch14_224", patch_drop_rate=0.1, **TINY), "tome", r=1)
-    with pytest.raises(VitslimError, match="PoolingVisionTransformer is not supported"):
-        vitslim.patch(timm.create_model("pit_ti_224", num_classes=10), "tome", r=1)
+    with pytest.raises(VitslimError, match="ResNet is not supported"):
+        vitslim.patch(timm.create_model("resnet10t", num_classes=10), "tome", r=1)
 
 
 def test_ideal_of_an_eva_schedule_runs_the_dense_blocks():

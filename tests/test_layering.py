@@ -144,10 +144,11 @@ def test_token_state_keeps_no_single_method_field():
 
     assert {f.name for f in dataclasses.fields(TokenState)} == {
         "x", "num_prefix", "grid0", "grid", "size", "source", "prop_attn", "kernel", "aux", "scratch", "trace",
-        "dropped", "block_source", "rope", "pos"}
+        "dropped", "block_source", "rope", "pos", "unplaced"}
     # dropped: filled by the shared keep_tokens, for top-k, EViT and SPViT alike; block_source: reset by the
     # core before every block, set by any reducer that merges and restores within one block (Prune-and-Merge);
-    # rope/pos: the model family's rotary tables and each token's position, kept by the shared token ops
+    # rope/pos: the model family's rotary tables and each token's position, kept by the shared token ops;
+    # unplaced: counted by the shared append_unplaced, carried across a pooling by the model family (PiT)
 
 
 def test_every_hook_is_a_documented_method_with_a_default():

@@ -19,10 +19,13 @@ def _spvit(**options):
 
 
 def test_targets_and_scheduled_token_counts():
-    assert keep_targets(0.7, 3) == [0.7, 0.49, 0.343]
-    assert keep_targets([0.617, 0.369, 0.137], 3) == [0.617, 0.369, 0.137]  # the official DeiT targets
+    assert keep_targets(0.7, [0, 0, 0]) == [0.7, 0.49, 0.343]
+    assert keep_targets([0.617, 0.369, 0.137], [0, 0, 0]) == [0.617, 0.369, 0.137]  # the official DeiT targets
     with pytest.raises(vitslim.VitslimError, match="must not grow"):
-        keep_targets([0.5, 0.7, 0.3], 3)
+        keep_targets([0.5, 0.7, 0.3], [0, 0, 0])
+    # a model with stages (PiT) restores its grid between them: the targets restart in each stage
+    assert keep_targets(0.7, [0, 0, 1, 2]) == [0.7, 0.49, 0.7, 0.7]
+    assert keep_targets([0.5, 0.7], [0, 1]) == [0.5, 0.7]
     model = _spvit(keep_rate=0.5).eval()
     # int(64 * 0.5^s) patches alive after stage s, plus one package token per stage so far
     assert [t[0] for t in vitslim.describe(model)["tokens"]] == [65, 1 + 32 + 1, 1 + 16 + 2, 1 + 8 + 3]

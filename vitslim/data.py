@@ -17,6 +17,7 @@ import timm.data
 from torchvision import transforms as T
 
 from vitslim.errors import VitslimError
+from vitslim.measure.macs import default_input_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
@@ -78,9 +79,10 @@ def data_config(model: torch.nn.Module | None = None, spec: str | None = None) -
     cfg = timm.data.resolve_data_config({}, model=model)
     if not getattr(model, "pretrained_cfg", None):
         # a model built directly from its class has no pretrained_cfg: take the input size from the model
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is not None and getattr(patch_embed, "img_size", None):
-            cfg["input_size"] = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        try:
+            cfg["input_size"] = default_input_size(model)
+        except VitslimError:  # not a model vitslim runs: timm's resolved config stands
+            pass
     channels = cfg["input_size"][0]
     for key in ("mean", "std"):  # e.g. ImageNet's 3-channel defaults for a 1-channel model: average them
         if len(cfg[key]) != channels:

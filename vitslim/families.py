@@ -424,6 +424,22 @@ def _patches(model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]
     return x, (tuple(x.shape[1:3]) if x.dim() == 4 else tuple(model.patch_embed.grid_size))
 
 
+class ModelWrapper(nn.Module):
+    """A module that runs another model another way (its ideal, a runtime): given an input size and
+    checked like that model (``unwrap``)."""
+
+    def wrapped_model(self) -> nn.Module:
+        """The model this one runs."""
+        raise NotImplementedError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside any ``ModelWrapper`` layers."""
+    while isinstance(model, ModelWrapper):
+        model = model.wrapped_model()
+    return model
+
+
 VIT = ViTFamily()
 _FAMILIES: list[Family] = [VIT, EvaFamily(), PiTFamily()]
 

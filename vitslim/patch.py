@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitslim.budget import search_level
 from vitslim.errors import VitslimError
-from vitslim.families import VIT, Family, family_of
+from vitslim.families import VIT, Family, family_of, unwrap
 from vitslim.kernels import DEFAULT_KERNEL
 from vitslim.measure.macs import count_macs, default_input_size
 from vitslim.methods.base import AttnInfo, Reducer, get_method, methods
@@ -29,7 +29,8 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 
 def check_input(model: nn.Module, images: Tensor) -> None:
-    """Raise a VitslimError if the images cannot go through the model's patch embedding."""
+    """Raise a VitslimError if the images cannot go through the model's (or the wrapped model's) patch embedding."""
+    model = unwrap(model)
     family_of(model).check_input(model, images)
 
 

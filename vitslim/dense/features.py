@@ -37,7 +37,7 @@ def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] |
                        restore: str = "dropped", norm: bool = True
                        ) -> tuple[Tensor | list[Tensor], TokenState | None]:
     """``features`` and the final ``TokenState`` (its ``aux`` feeds training; None for an unpatched model)."""
-    family_of(model)
+    check_one_grid(model)
     check_input(model, images)
     if restore not in RESTORES:
         raise VitslimError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
@@ -55,6 +55,14 @@ def features_and_state(model: nn.Module, images: Tensor, blocks: Sequence[int] |
     if picked is None:
         return _grid(state, state.x, restore, model.norm), state
     return [maps[i] for i in picked], state
+
+
+def check_one_grid(model: nn.Module) -> None:
+    """A one-line VitslimError unless the model keeps one patch grid through all its blocks (not PiT's stages)."""
+    family = family_of(model)
+    if family.name not in ("vit", "eva"):
+        raise VitslimError(f"dense features and token maps run on vit and eva models; {family.name} models shrink "
+                           "their patch grid between stages (not supported here yet)")
 
 
 def block_indices(blocks: Sequence[int] | int | None, depth: int) -> list[int] | None:

@@ -24,10 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.data import IMAGE_MODES, build_transform, data_config, load_image
-from vitslim.dense.features import block_indices, patch_grid
+from vitslim.dense.features import block_indices, check_one_grid, patch_grid
 from vitslim.errors import VitslimError
 from vitslim.io import atomic_write
-from vitslim.families import family_of
 from vitslim.patch import check_input, is_patched
 from vitslim.tokens import TokenState, init_source
 
@@ -72,7 +71,7 @@ def token_groups(model: nn.Module, images: Tensor, blocks: Sequence[int] | None 
     ``blocks`` are 0-based (negative counts from the end), by default ``default_blocks``. An
     unpatched model keeps every patch its own token.
     """
-    family_of(model)
+    check_one_grid(model)
     check_input(model, images)
     depth = len(model.blocks)
     picked = default_blocks(depth) if blocks is None else block_indices(blocks, depth)

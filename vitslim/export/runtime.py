@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from vitslim.export.inference import check_runtime, compile_model, deployable, quantize_int8
 from vitslim.export.onnx import onnx_session, to_onnx
+from vitslim.families import ModelWrapper
 
 
-class RuntimeModel(nn.Module):
+class RuntimeModel(ModelWrapper):
     """A deployable model run one way: fp32 images in, fp32 logits out, whatever runs inside."""
 
     def __init__(self, model: nn.Module, runner: Any, backend: str, precision: str,
@@ -24,10 +25,9 @@ class RuntimeModel(nn.Module):
         self.model, self.backend, self.precision, self.input_dtype = model, backend, precision, input_dtype
         self.runner = runner
 
-    @property
-    def patch_embed(self) -> nn.Module:
-        """The model's patch embedding (gives measurement its input size)."""
-        return self.model.patch_embed
+    def wrapped_model(self) -> nn.Module:
+        """The deployable model this runs."""
+        return self.model
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits (fp32) of the images (fp32), through the backend."""

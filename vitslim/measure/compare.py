@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from vitslim._version import __version__
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.measure.accuracy import evaluate
 from vitslim.measure.macs import count_macs, default_input_size
 from vitslim.measure.speed import check_timing, compare_speed, ideal_model, paired_ratio
@@ -175,7 +176,7 @@ def protocol(dense: nn.Module, dense_speed: dict[str, Any], *, batch_size: int, 
         "warmup": warmup, "threads": dense_speed["threads"], "precision": runtime.get("precision", precision),
         "backend": runtime.get("backend", "eager"),
         "allocator": dense_speed["allocator"],
-        "fused_attn": bool(dense.blocks[0].attn.fused_attn), "torch": torch.__version__,
+        "fused_attn": bool(family_of(dense).blocks(dense)[0].attn.fused_attn), "torch": torch.__version__,
         "timm": timm.__version__, "vitslim": __version__, "cpu": platform.processor() or platform.machine(),
         "speed": SPEED_PROTOCOL,
         "macs": "vitslim.count_macs (attention and reducer work included), per image",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vitslim.families import family_of
+from vitslim.families import family_of, unwrap
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -42,7 +42,8 @@ _EXTRA_FORMULAS = {
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) input the model was built for."""
+    """The (C, H, W) input the model (or the model inside a ``ModelWrapper``) was built for."""
+    model = unwrap(model)
     return family_of(model).input_size(model)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitslim.errors import VitslimError
-from vitslim.families import family_of
+from vitslim.families import ModelWrapper, family_of
 from vitslim.kernels import DEFAULT_KERNEL
 from vitslim.measure.macs import default_input_size
 from vitslim.tokens import TokenState
@@ -131,17 +131,16 @@ def latency(model: nn.Module, *, runs: int = 30, warmup: int = 5, **kwargs: Any)
     return compare_speed({"model": model}, 1, runs=runs, warmup=warmup, **kwargs)["model"]
 
 
-class IdealSchedule(nn.Module):
+class IdealSchedule(ModelWrapper):
     """The dense blocks of ``model`` run on its schedule's token counts, with no reduction work."""
 
     def __init__(self, model: nn.Module, tokens: list[tuple[int, int]]):
         super().__init__()
         self.model, self.tokens, self.family = model, tokens, family_of(model)
 
-    @property
-    def patch_embed(self) -> nn.Module:
-        """The wrapped model's patch embedding (gives measurement its input size)."""
-        return self.model.patch_embed
+    def wrapped_model(self) -> nn.Module:
+        """The patched model whose schedule this runs."""
+        return self.model
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits of a dense pass that simply truncates to each block's token counts."""

@@ -240,6 +240,6 @@ class SPViT(KeepRateLevels, Method):
         family = family_of(self.model)
         blocks, patches = family.blocks(self.model), family.stage_patches(self.model)
         locs, targets = self.config.locations, self.config.keep_rate
-        return {block: SelectorStage(blocks[block].attn.qkv.in_features, blocks[block].attn.num_heads, s, len(locs),
-                                     t, patches[block], last=s == len(locs) - 1)
+        return {block: SelectorStage(blocks[block].norm1.normalized_shape[0], blocks[block].attn.num_heads, s,
+                                     len(locs), t, patches[block], last=s == len(locs) - 1)  # its stage's width
                 for s, (block, t) in enumerate(zip(locs, targets))}
