@@ -17,7 +17,7 @@
 #                methods that run on the eva family, 0.5/0.7 (issue 15)
 #   eva_spvit    SPViT on EVA-02-S (joined the eva family later)        eva02_s_spvit_speed_b{32,1}
 #   pit          PiT-S 224 (pooling stages): SPViT (the paper's case),  pit_s_speed_b{32,1}
-#                ToMe, EViT, top-k, 0.5/0.7; the grid restored before each pooling (issue 15)
+#                ToMe, EViT, top-k, ATME, 0.5/0.7; grid restored before each pooling (issue 15)
 . "$(dirname "$0")/common.sh"
 speed() { "$PYTHON" benchmarks/speed.py --model "${SPEED_MODEL:-deit_small_patch16_224}" --threads 2 --out "$RESULTS" "$@"; }
 B32_B1=(--batch-sizes 32,1 --runs 12,30)
@@ -36,7 +36,7 @@ for table in "${tables[@]}"; do
            --name eva02_s_speed ;;
     eva_spvit) SPEED_MODEL=eva02_small_patch14_224 speed --methods spvit --budgets 0.5,0.7 "${B32_B1[@]}" \
                  --name eva02_s_spvit_speed ;;
-    pit) SPEED_MODEL=pit_s_224 speed --methods spvit,tome,evit,topk --budgets 0.5,0.7 "${B32_B1[@]}" --name pit_s_speed ;;
+    pit) SPEED_MODEL=pit_s_224 speed --methods spvit,tome,evit,topk,atme --budgets 0.5,0.7 "${B32_B1[@]}" --name pit_s_speed ;;
     *) echo "speed.sh: unknown table '$table'; known: all tome allocator sit spvit prune_merge cait eva eva_spvit pit" >&2
        exit 2 ;;
   esac

@@ -11,7 +11,7 @@ from vitslim.train.task import teacher_outputs
 
 # three stages (2, 6, 4 blocks) at widths 16, 32, 64 on a 7x7 -> 4x4 -> 2x2 grid: every PiT code path, tiny
 TINY = dict(img_size=64, base_dims=[16, 16, 16], heads=[1, 2, 4], num_classes=10)
-ZERO = {"tome": {"r": 0}, "evit": {"keep_rate": 1.0}, "topk": {"keep_rate": 1.0}}
+ZERO = {"tome": {"r": 0}, "evit": {"keep_rate": 1.0}, "topk": {"keep_rate": 1.0}, "atme": {"schedule": ""}}
 REDUCING = [*sorted(ZERO), "spvit"]  # SPViT always adds a package token: no zero-reduction setting
 
 
@@ -129,14 +129,14 @@ def test_spvit_prunes_for_real_at_inference():
     assert tokens[-1] == 1 + 24 + 3
 
 
-@pytest.mark.parametrize("method", ["atme", "sit", "prune_merge", "cdcp", "cait"])
+@pytest.mark.parametrize("method", ["sit", "prune_merge", "cdcp", "cait"])
 def test_methods_that_do_not_run_on_pit_are_refused_in_one_line(method):
     model = pit()
     with pytest.raises(VitslimError) as err:
         vitslim.patch(model, method, macs=0.6)
     message = str(err.value)
     assert "\n" not in message and f"{method} does not run on pit models" in message
-    assert "evit, spvit, tome, topk" in message
+    assert "atme, evit, spvit, tome, topk" in message
     assert not vitslim.is_patched(model)
 
 
@@ -156,6 +156,16 @@ def test_ideal_of_a_pit_schedule_runs_the_dense_stages():
     vitslim.patch(model, "evit", keep_rate=0.5)
     with torch.inference_mode():
         assert ideal_model(model)(x).shape == ref.shape
+
+
+def test_atme_merges_within_each_stage_and_its_budgets_reach_half():
+    model = pit(img_size=224)
+    vitslim.patch(model, "atme", macs=0.5)
+    tokens = [n for n, _ in vitslim.describe(model)["tokens"]]
+    assert tokens[0] == 1 + 27 * 27 and tokens[2] == 1 + 14 * 14 and tokens[8] == 1 + 7 * 7  # each stage starts whole
+    with torch.inference_mode():
+        state = model.forward_tokens(_images(2, 224))
+    assert state.grid is not None and state.x.shape[1] == 1 + state.grid[0] * state.grid[1]  # still a grid
 
 
 def test_pit_family_describes_its_stages():

@@ -55,9 +55,13 @@ class Family:
         """For each block, the stage it belongs to; tokens are reduced within a stage (one stage: all 0)."""
         return [0] * len(self.blocks(model))
 
+    def block_grids(self, model: nn.Module) -> list[tuple[int, int]]:
+        """For each block, the patch grid its stage starts with (the dense model's, at its own input size)."""
+        return [tuple(model.patch_embed.grid_size)] * len(self.blocks(model))
+
     def stage_patches(self, model: nn.Module) -> list[int]:
-        """For each block, the patch tokens its stage starts with (the dense model's, at its own input size)."""
-        return [model.patch_embed.num_patches] * len(self.blocks(model))
+        """For each block, the number of patch tokens its stage starts with (from ``block_grids``)."""
+        return [h * w for h, w in self.block_grids(model)]
 
     def reduction_points(self, model: nn.Module, between_blocks: bool = False) -> list[int]:
         """Default blocks for methods that reduce at a few places: a quarter, half and three quarters of the depth.
@@ -319,19 +323,14 @@ class PiTFamily(Family):
     def block_stages(self, model: nn.Module) -> list[int]:
         return [s for s, stage in enumerate(model.transformers) for _ in stage.blocks]
 
-    def stage_patches(self, model: nn.Module) -> list[int]:
-        grids = self.stage_grids(model)
-        return [grids[s][0] * grids[s][1] for s in self.block_stages(model)]
-
-    def stage_grids(self, model: nn.Module) -> list[tuple[int, int]]:
-        """The patch grid each stage runs on (each pooling halves it, rounding up)."""
+    def block_grids(self, model: nn.Module) -> list[tuple[int, int]]:
         grid, grids = tuple(model.patch_embed.grid_size), []
         for stage in model.transformers:
-            if stage.pool is not None:
+            if stage.pool is not None:  # the pooling's convolution halves the grid, rounding up
                 conv = stage.pool.conv
                 grid = tuple((g + 2 * pad - k) // st + 1
                              for g, pad, k, st in zip(grid, conv.padding, conv.kernel_size, conv.stride))
-            grids.append(grid)
+            grids += [grid] * len(stage.blocks)
         return grids
 
     def reduction_points(self, model: nn.Module, between_blocks: bool = False) -> list[int]:

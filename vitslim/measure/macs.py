@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from vitslim.errors import VitslimError
 from vitslim.families import family_of, unwrap
 
 
@@ -84,16 +85,18 @@ def analytic_macs(model: nn.Module, tokens: list[tuple[int, int]] | None = None,
     plus the patch embedding and the classifier unless ``blocks_only``.
     Reducer work is not included: this is the cost of the dense blocks on those token counts.
     """
-    pe = model.patch_embed
-    dim = model.embed_dim
-    n = model.num_prefix_tokens + pe.num_patches
-    tokens = tokens or [(n, n)] * len(model.blocks)
+    family = family_of(model)
+    p = family.num_prefix(model)
+    tokens = tokens or [(p + n, p + n) for n in family.stage_patches(model)]
     total = 0
-    for blk, (n_attn, n_mlp) in zip(model.blocks, tokens):
+    for blk, (n_attn, n_mlp) in zip(family.blocks(model), tokens):
         width = blk.attn.num_heads * blk.attn.head_dim
         total += n_attn * _linear_macs(blk.attn) + 2 * n_attn * n_attn * width + n_mlp * _linear_macs(blk.mlp)
     if blocks_only:
         return total
+    pe, dim = model.patch_embed, model.embed_dim
+    if not hasattr(pe, "proj"):
+        raise VitslimError(f"analytic_macs counts the blocks only (blocks_only=True) on {family.name} models")
     total += pe.num_patches * pe.proj.in_channels * math.prod(pe.patch_size) * dim
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):

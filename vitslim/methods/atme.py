@@ -17,6 +17,8 @@ else here is ours (``docs/methods/atme.md``, "ATME-A"), chosen to satisfy that:
 Option ``schedule``: "3:W,7:H" (0-based block: axis; the default for 12 blocks), a list of
 (block, axis) pairs, or "" for none. ``macs=`` picks among the schedules of at most three merges
 (each along the grid's longer axis, W on ties), ordered by MACs: a discrete set of budget points.
+On a model with stages (PiT) each stage starts on its whole grid again, so the merges run within a
+stage (at most three in each) and the grid is restored before each pooling (``vitslim.families``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
+from vitslim.families import family_of
 from vitslim.measure.macs import analytic_macs
 from vitslim.methods.base import AttnInfo, Method, MethodOptions, Reducer, register
 from vitslim.tokens import TokenState, remap_source
@@ -77,29 +80,38 @@ def merged_grid(grid: tuple[int, int], axis: str) -> tuple[int, int]:
     return (h, (w + 1) // 2) if axis == "W" else ((h + 1) // 2, w)
 
 
-def token_counts(model: nn.Module, pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
-    """(tokens into attention, tokens into MLP) per block for a schedule, at the model's input size."""
-    p = model.num_prefix_tokens
-    grid = tuple(model.patch_embed.grid_size)
-    merges = dict(pairs)
-    counts = []
-    for i in range(len(model.blocks)):
-        n_attn = p + grid[0] * grid[1]
+def grids_before(model: nn.Module, pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """The anchor grid each block starts with under a schedule (a model with stages restarts whole in each)."""
+    family = family_of(model)
+    merges, stages, starts = dict(pairs), family.block_stages(model), family.block_grids(model)
+    grids, grid = [], None
+    for i, (stage, start) in enumerate(zip(stages, starts)):
+        if i == 0 or stage != stages[i - 1]:
+            grid = start
+        grids.append(grid)
         if i in merges:
             grid = merged_grid(grid, merges[i])
-        counts.append((n_attn, p + grid[0] * grid[1]))
+    return grids
+
+
+def token_counts(model: nn.Module, pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into MLP) per block for a schedule, at the model's input size."""
+    p, merges = family_of(model).num_prefix(model), dict(pairs)
+    counts = []
+    for i, grid in enumerate(grids_before(model, pairs)):
+        after = merged_grid(grid, merges[i]) if i in merges else grid
+        counts.append((p + grid[0] * grid[1], p + after[0] * after[1]))
     return counts
 
 
 def check_schedule(model: nn.Module, pairs: list[tuple[int, str]]) -> None:
     """Raise if a merge would find fewer than two lines along its axis."""
-    grid = tuple(model.patch_embed.grid_size)
+    grids = grids_before(model, pairs)
     for block, axis in pairs:
-        lines = grid[1] if axis == "W" else grid[0]
-        if lines < 2:
+        grid = grids[block]
+        if (grid[1] if axis == "W" else grid[0]) < 2:
             raise VitslimError(f"ATME merge {block}:{axis} finds a {grid[0]}x{grid[1]} grid: nothing left to merge "
                                f"along {axis}; drop it from the schedule")
-        grid = merged_grid(grid, axis)
 
 
 def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
@@ -109,9 +121,10 @@ def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
 
 def schedule_family(model: nn.Module) -> list[str]:
     """Budget points: schedules of up to MAX_AUTO_MERGES merges ordered by MACs (level 0 = none)."""
-    depth = len(model.blocks)
+    family = family_of(model)
+    depth = len(family.blocks(model))
     # the blocks' cost formula is fixed by its values at these token counts (linear and quadratic terms)
-    key = (depth, tuple(model.patch_embed.grid_size), model.num_prefix_tokens,
+    key = (tuple(family.block_stages(model)), tuple(family.block_grids(model)), family.num_prefix(model),
            *(analytic_macs(model, [counts] * depth, blocks_only=True) for counts in ((1, 0), (2, 0), (0, 1))))
     if key not in _FAMILIES:
         _FAMILIES[key] = _family(model)
@@ -122,19 +135,29 @@ _FAMILIES: dict[tuple, tuple[str, ...]] = {}
 
 
 def _family(model: nn.Module) -> tuple[str, ...]:
-    depth, grid0 = len(model.blocks), tuple(model.patch_embed.grid_size)
+    family = family_of(model)
+    stages, starts = family.block_stages(model), family.block_grids(model)
+    stage_blocks = [[b for b, s in enumerate(stages) if s == stage] for stage in dict.fromkeys(stages)]
+    # up to MAX_AUTO_MERGES merges in each stage (a model with stages restores its grid in each)
+    choices = [[c for k in range(MAX_AUTO_MERGES + 1) for c in itertools.combinations(blocks, k)]
+               for blocks in stage_blocks]
     points = []
-    for k in range(MAX_AUTO_MERGES + 1):
-        for blocks in itertools.combinations(range(depth), k):
-            grid, pairs = grid0, []
-            for b in blocks:
+    for picked in itertools.product(*choices):
+        pairs = []
+        for stage_merges in picked:
+            grid = starts[stage_merges[0]] if stage_merges else None
+            for b in stage_merges:
                 if max(grid) < 2:
                     break
                 axis = "W" if grid[1] >= grid[0] else "H"  # the longer axis, so grids stay near square
                 pairs.append((b, axis))
                 grid = merged_grid(grid, axis)
             else:
-                points.append((block_macs(model, token_counts(model, pairs)), k, format_schedule(pairs)))
+                continue
+            break
+        else:
+            k = len(pairs)
+            points.append((block_macs(model, token_counts(model, pairs)), k, format_schedule(pairs)))
     points.sort(key=lambda t: (-t[0], t[1]))  # most MACs first: level 0 = no merging
     family, last = [], None
     for macs, _, schedule in points:
@@ -249,7 +272,7 @@ class ATMEOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "ATMEOptions":
         """The schedule in canonical form, checked against the model's grid."""
-        depth = len(model.blocks)
+        depth = len(family_of(model).blocks(model))
         pairs = parse_schedule(default_schedule(depth) if self.schedule is None else self.schedule, depth)
         check_schedule(model, pairs)
         return ATMEOptions(schedule=format_schedule(pairs))
@@ -265,11 +288,12 @@ class ATME(Method):
 
     @classmethod
     def runs_on(cls, family: str) -> bool:
-        """Also on rotary ViTs (Eva): a merged token takes its anchor's position."""
-        return family in ("vit", "eva")
+        """Also on rotary ViTs (Eva: a merged token takes its anchor's position) and on PiT (within each stage;
+        merged tokens go back on their patches before each pooling)."""
+        return family in ("vit", "eva", "pit")
 
     def reducers(self) -> dict[int, Reducer]:
-        return {b: ATMEMerge(a) for b, a in parse_schedule(self.config.schedule, len(self.model.blocks))}
+        return {b: ATMEMerge(a) for b, a in parse_schedule(self.config.schedule, len(family_of(self.model).blocks(self.model)))}
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:
