@@ -1,4 +1,6 @@
 """PiT (timm PoolingVisionTransformer): token methods inside each stage, the grid restored before each pooling."""
+import json
+
 import pytest
 import torch
 
@@ -197,3 +199,31 @@ def test_dense_features_refuse_pit_in_one_line():
 
     with pytest.raises(VitslimError, match="shrink their patch grid between stages"):
         features(vitslim.patch(pit(), "tome", r=2), _images())
+
+
+def test_pit_fine_tunes_with_spvit_through_the_engine_and_loads_back(tmp_path):
+    """The engine's SPViT recipe losses (ratio per stage, token distillation against the dense PiT's last stage),
+    and a checkpoint rebuilt from the PiT's inferred spec."""
+    import numpy as np
+    from PIL import Image
+
+    from vitslim.train import TrainConfig, fit, load, teacher_copy
+
+    for label, base in (("dark", 70), ("bright", 180)):
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.clip(base + np.random.default_rng(i).normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / label / f"{i}.png")
+    model = pit(num_classes=2)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64), "crop_pct": 1.0}
+    teacher = teacher_copy(model)
+    vitslim.patch(model, "spvit", keep_rate=0.7)
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.0, log_every=1, deterministic=True,
+                         kd_weight=0.5, token_weight=0.5)
+    fit(model, str(tmp_path / "data"), teacher=teacher, config=config, out_dir=tmp_path / "run", progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["event"] == "step"]
+    assert len(steps) == 2 and {"ratio", "token"} <= set(steps[0])
+    loaded = load(tmp_path / "run" / "last.pt")
+    x = _images(3)
+    torch.testing.assert_close(_logits(loaded, x), _logits(model.eval(), x), rtol=0, atol=0)

@@ -334,7 +334,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_visualize(args: argparse.Namespace) -> int:
     import pathlib
 
-    from vitslim.dense.features import block_indices
+    from vitslim.dense.features import block_indices, check_one_grid
     from vitslim.dense.visualize import load_images, save_figure, token_groups
     from vitslim.measure.compare import build_configs
 
@@ -348,6 +348,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model = _load(args)
+    check_one_grid(model)  # token maps need one patch grid (not PiT's stages)
     block_indices(args.blocks, len(model.blocks))  # a bad --blocks fails before the budget searches
     images, pictures = load_images(args.images, model, size=args.image_size)
     check_input(model, images)  # e.g. a non-square --image-size on a model without dynamic_img_size
