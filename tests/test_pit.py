@@ -227,3 +227,20 @@ def test_pit_fine_tunes_with_spvit_through_the_engine_and_loads_back(tmp_path):
     loaded = load(tmp_path / "run" / "last.pt")
     x = _images(3)
     torch.testing.assert_close(_logits(loaded, x), _logits(model.eval(), x), rtol=0, atol=0)
+
+
+def test_pit_compiles_to_one_graph():
+    """The stage ends (restore, pool, restart) have no data-dependent branch: one graph for batches >= 2."""
+    import torch._dynamo
+
+    from vitslim.export.runtime import runtime
+
+    model = vitslim.patch(pit(), "tome", r=3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = runtime(model, "compile")
+    with torch.inference_mode():
+        for batch in (2, 5):
+            torch.testing.assert_close(compiled(_images(batch)), model(_images(batch)), rtol=0, atol=1e-4)
+    counters = torch._dynamo.utils.counters
+    assert (sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]) == (0, 1)

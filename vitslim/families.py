@@ -357,8 +357,7 @@ class PiTFamily(Family):
         return len(model.transformers) > 1
 
     def embed(self, model: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
-        x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
-        cls = model.cls_token.expand(x.shape[0], -1, -1)
+        x, cls = _pit_stem(model, images)
         first = model.transformers[0]
         if first.pool is not None:
             x, cls = first.pool(x, cls)
@@ -397,9 +396,7 @@ class PiTFamily(Family):
         return model.forward_head(state.x[:, :state.num_prefix], pre_logits=pre_logits)
 
     def teacher_tokens(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
-        cls = model.cls_token.expand(x.shape[0], -1, -1)
-        x, cls = model.transformers((x, cls))
+        x, cls = model.transformers(_pit_stem(model, images))
         return model.norm(cls), model.norm(x.flatten(2).transpose(1, 2))
 
     def model_args(self, model: nn.Module) -> dict:
@@ -409,6 +406,12 @@ class PiTFamily(Family):
                     heads=list(model.heads), depth=[len(stage.blocks) for stage in model.transformers],
                     mlp_ratio=self.blocks(model)[0].mlp.fc1.out_features / self.blocks(model)[0].mlp.fc1.in_features,
                     distilled=model.head_dist is not None, global_pool=model.global_pool)
+
+
+def _pit_stem(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """PiT's patch map (B, C, H, W) with its position embedding, and the class token(s) (timm's forward)."""
+    x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+    return x, model.cls_token.expand(x.shape[0], -1, -1)
 
 
 def _check_size(img_size: tuple[int, int], h: int, w: int, hint: str) -> None:
