@@ -25,6 +25,7 @@ LAYERS = [
     ["vitslim.train.*"],
     ["vitslim.zoo"],
     ["vitslim.export", "vitslim.export.*"],
+    ["vitslim.autosearch"],
     ["vitslim.cli_common"],
     ["vitslim.cli_segment"],
     ["vitslim.cli", "vitslim.__main__"],

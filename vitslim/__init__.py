@@ -9,7 +9,7 @@ from vitslim.patch import describe, is_patched, patch, unpatch
 from vitslim.tokens import TokenState, unmerge, unmerge_grid
 
 __all__ = ["VitslimError", "TokenState", "methods", "patch", "unpatch", "describe", "is_patched",
-           "unmerge", "unmerge_grid", "count_macs", "load"]
+           "unmerge", "unmerge_grid", "count_macs", "load", "auto"]
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from vitslim.train.checkpoint import load
 
         return load
+    if name == "auto":
+        from vitslim.autosearch import auto
+
+        return auto
     if name == "measure":
         import vitslim.measure as measure
 

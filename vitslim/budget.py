@@ -3,7 +3,7 @@
 Methods expose their knob as integer levels (0 = no reduction, higher = cheaper; see
 ``Method.max_level``). ``search_level`` finds the level whose cost meets a target with about
 log2(levels) evaluations of the cost, whatever the cost is: MACs for ``patch(..., macs=f)``, a
-measured latency for ``vitslim.measure.fit_latency``.
+measured latency or speed-up for ``vitslim.measure.fit_latency`` and ``fit_speedup``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from typing import Callable
 from vitslim.errors import VitslimError
 
 LEVEL_STEP = 0.005  # keep-rate style knobs step by this: fine enough to land within 2% of a MACs target
+
+
+class OutOfReach(VitslimError):
+    """A target even the strongest budget level misses; ``strongest`` is that level's cost."""
+
+    def __init__(self, message: str, strongest: float):
+        super().__init__(message)
+        self.strongest = strongest
 
 
 def search_level(cost: Callable[[int], float], target: float, max_level: int, *, closest: bool = True,
@@ -32,8 +40,8 @@ def search_level(cost: Callable[[int], float], target: float, max_level: int, *,
     lo, hi = 0, max_level
     strongest = at(hi)
     if strongest > target * (1.02 if closest else 1.0):
-        raise VitslimError(f"{knob}={target:g} is out of reach for {what}: its strongest setting on this model "
-                           f"gives {strongest:.3f}{unit}; ask for at least {strongest:.3g}")
+        raise OutOfReach(f"{knob}={target:g} is out of reach for {what}: its strongest setting on this model "
+                         f"gives {strongest:.3f}{unit}; ask for at least {strongest:.3g}", strongest)
     if at(lo) <= target and not closest:
         return lo
     while hi - lo > 1:  # invariant: cost(lo) > target >= cost(hi), up to the first probe

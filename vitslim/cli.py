@@ -120,7 +120,46 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                      help="safetensors: fp32 or bf16 weights; ONNX: fp32 or int8 (onnxruntime dynamic quantisation)")
     exp.add_argument("--out", required=True, help="the file to write (vitslim.export.load / onnxruntime read it)")
+    auto = sub.add_parser("auto", help="search every training-free method and setting for a MACs, latency or "
+                                       "speed-up target on held-out images; save the best (docs/auto.md)")
+    _add_model_args(auto)
+    auto.add_argument("--data", help="labelled data with a train split (held-out images) and --split to report on "
+                                     "(default: digits for the default model)")
+    target = auto.add_mutually_exclusive_group(required=True)
+    target.add_argument("--macs", type=float, help="MACs target, a fraction of dense (met within 2%%)")
+    target.add_argument("--latency-ms", type=float, help="batch-1 latency target on this machine (--threads threads)")
+    target.add_argument("--speedup", type=float, help="throughput target: this many times the dense model's at "
+                                                      "--batch-size, timed here (--threads threads, --runs rounds)")
+    auto.add_argument("--batch-size", type=int, default=32, help="batch size of --speedup timing (default 32)")
+    auto.add_argument("--runs", type=int, default=5, help="timed rounds per --speedup measurement (default 5)")
+    auto.add_argument("--split", default="test", help="split the chosen model is reported on (default test)")
+    auto.add_argument("--limit", type=int, help="report on only this many images of --split (evenly spread)")
+    auto.add_argument("--holdout", type=int, default=256,
+                      help="train-split images the candidates are ranked on (default 256)")
+    auto.add_argument("--methods", help="comma-separated methods to search (default: every training-free one)")
+    auto.add_argument("--time-budget", type=float, help="seconds: stop the successive halving when they are spent")
+    auto.add_argument("--eval-batch-size", type=int, default=64)
+    auto.add_argument("--out", required=True, help="folder: model.safetensors, auto.md/json/png, the search record")
+    auto.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _run_auto(args: argparse.Namespace) -> int:
+    from vitslim.autosearch import auto
+
+    model = _load(args)
+    data = _required_data(args, model, "with a train split to rank on")
+    result = auto(model, data, args.out, macs=args.macs, latency_ms=args.latency_ms, speedup=args.speedup,
+                  speed_batch=args.batch_size, runs=args.runs, holdout=args.holdout,
+                  report_limit=args.limit, report_split=args.split,
+                  methods=_method_list(args.methods) if args.methods else None, time_budget=args.time_budget,
+                  threads=args.threads, batch_size=args.eval_batch_size, progress=not args.no_progress,
+                  command=_command(args))
+    print(f"chosen: {result['chosen']} ({result['method']} {result['options']}), {result['macs_ratio']:.3f} of the "
+          f"dense MACs, top-1 {result['top1']:.2%} on {result['report_images']} {result['report_split']} images "
+          f"(dense {result['dense_top1']:.2%})")
+    print(f"wrote {args.out}/model.safetensors, auto.md, auto.json, auto.png")
+    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -394,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_segment.run(args)
         if args.command == "visualize":
             return _run_visualize(args)
+        if args.command == "auto":
+            return _run_auto(args)
         return _run_compare(args, with_data=args.command == "compare")
     except VitslimError as exc:
         print(f"vitslim: error: {exc}", file=sys.stderr)

@@ -1,14 +1,33 @@
-"""A latency budget: the budget level of a method whose measured batch-1 latency here meets a target."""
+"""Measured budgets: the budget level of a method whose batch-1 latency (or throughput speed-up) here meets a target."""
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Callable
 
 from torch import nn
 
-from vitslim.budget import search_level
-from vitslim.measure.speed import latency
+from vitslim.budget import OutOfReach, search_level
+from vitslim.measure.speed import compare_speed, latency, paired_ratio
 from vitslim.methods.base import get_method
-from vitslim.patch import patch
+from vitslim.patch import patch, unpatch
+
+
+def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[[nn.Module], float], target: float,
+         what: str, knob: str, unit: str = "") -> tuple[int, float]:
+    """The mildest level whose measured ``cost`` (falling with the level) is at most ``target``; the model is left
+    patched at that level, and the cost returned is the one the search measured there (not a second, noisier run)."""
+    method_cls = get_method(method)
+    measured: dict[int, float] = {}
+
+    def at(level: int) -> float:
+        patch(model, method, **method_cls.options_for_level(model, level, **options))
+        measured[level] = cost(model.eval())
+        return measured[level]
+
+    level = search_level(at, target, method_cls.max_level(model, **options), closest=False, what=what, knob=knob,
+                         unit=unit)
+    patch(model, method, **method_cls.options_for_level(model, level, **options))
+    return level, measured[level]
 
 
 def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, threads: int = 2, runs: int = 20,
@@ -19,14 +38,27 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     with ``vitslim.measure.latency``. Returns the run record (what was asked, what was measured, the
     options chosen); the measurement is not part of the method's options, so a run can resume.
     """
-    method_cls = get_method(method)
-
-    def measured(level: int) -> float:
-        patch(model, method, **method_cls.options_for_level(model, level, **options))
-        return latency(model.eval(), runs=runs, threads=threads)["median_ms"]
-
-    level = search_level(measured, latency_ms, method_cls.max_level(model, **options), closest=False,
-                         what=f"{method} (batch 1, {threads} threads)", knob="latency_ms", unit=" ms")
-    ms = measured(level)
+    level, ms = _fit(model, method, options, lambda m: latency(m, runs=runs, threads=threads)["median_ms"],
+                     latency_ms, f"{method} (batch 1, {threads} threads)", "latency_ms", " ms")
     return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "level": level,
             "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
+
+
+def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: int = 32, threads: int = 2,
+                runs: int = 5, **options: Any) -> dict[str, Any]:
+    """Patch ``model`` in place at the mildest budget level whose throughput at ``batch_size`` here is at least
+    ``speedup`` times the dense model's (paired timed rounds, ``vitslim.measure.compare_speed``)."""
+    dense = unpatch(copy.deepcopy(model)).eval()
+
+    def slowness(m: nn.Module) -> float:  # 1 / speed-up: falls as the level rises, as search_level wants
+        timed = compare_speed({"dense": dense, "model": m}, batch_size, runs=runs, threads=threads)
+        return 1.0 / paired_ratio(timed["dense"], timed["model"])
+
+    what = f"{method} (batch {batch_size}, {threads} threads)"
+    try:
+        level, slow = _fit(model, method, options, slowness, 1.0 / speedup, what, "1/speedup")
+    except OutOfReach as exc:  # say it in speed-ups, not in the search's inverted cost
+        raise OutOfReach(f"speedup={speedup:g} is out of reach for {what}: its strongest setting on this model "
+                         f"gives {1 / exc.strongest:.2f}x", exc.strongest) from None
+    return {"method": method, "target_speedup": speedup, "speedup": round(1.0 / slow, 3), "level": level,
+            "options": model.vitslim_config["options"], "batch_size": batch_size, "threads": threads, "runs": runs}

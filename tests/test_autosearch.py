@@ -1,0 +1,100 @@
+"""vitslim auto: the search meets its target as measured, ranks on held-out train images, resumes, fails clearly."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+import vitslim
+from vitslim import autosearch, export
+from vitslim.cli import main
+from vitslim.data import build_dataset, digits_split
+from vitslim.measure import evaluate
+from vitslim.zoo import load_model
+
+FAST = dict(holdout=48, report_limit=120, progress=False)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto")
+    result = vitslim.auto(load_model("default"), "digits", out, macs=0.6, **FAST)
+    return out, result
+
+
+def test_meets_the_macs_target_and_its_recorded_accuracy_is_a_re_evaluation(searched):
+    out, result = searched
+    assert abs(result["macs_ratio"] - 0.6) <= 0.02 * 0.6
+    model = export.load(out / "model.safetensors")
+    dense = vitslim.count_macs(load_model("default"))
+    assert abs(vitslim.count_macs(model) / dense - 0.6) <= 0.02 * 0.6
+    loader = torch.utils.data.DataLoader(build_dataset("digits", "test", model=model, limit=120), batch_size=64)
+    assert evaluate(model, loader, progress=False)["top1"] == result["top1"]
+    recorded = json.loads((out / "auto.json").read_text())
+    assert recorded["chosen"] == result["chosen"] and (out / "auto.md").is_file() and (out / "auto.png").is_file()
+    # successive halving: every candidate on the first quarter, fewer on more images, the chosen one on all 48
+    scored = [set(c.get("holdout_top1", {})) for c in result["candidates"].values() if "error" not in c]
+    assert all("12" in s for s in scored) and sum("48" in s for s in scored) < len(scored)
+    assert "48" in result["candidates"][result["chosen"]]["holdout_top1"]
+
+
+def test_held_out_images_come_from_the_train_split_and_never_from_the_reported_one(searched):
+    _, result = searched
+    train, _ = digits_split("train")
+    test, _ = digits_split("test")
+    held = {hashlib.sha1(train[i].tobytes()).hexdigest() for i in result["holdout_indices"]}
+    reported = {hashlib.sha1(image.tobytes()).hexdigest() for image in test}
+    assert len(held) == 48 and result["holdout_split"] == "train" and result["report_split"] == "test"
+    assert not held & reported
+
+
+def test_an_unreachable_latency_target_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code = main(["auto", "--latency-ms", "0.001", "--methods", "tome", "--holdout", "16", "--out", str(tmp_path),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "no setting meets latency_ms=0.001" in err and "tome" in err and "ask for at least" in err
+
+
+def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeypatch):
+    measure, top1 = autosearch._measure, autosearch._top1
+    calls = {"measure": 0, "top1": 0}
+
+    def counted_measure(*args, **kwargs):
+        calls["measure"] += 1
+        return measure(*args, **kwargs)
+
+    def interrupted_top1(*args, **kwargs):
+        calls["top1"] += 1
+        if calls["top1"] == 3:
+            raise KeyboardInterrupt  # a kill in the middle of the first rung
+        return top1(*args, **kwargs)
+
+    monkeypatch.setattr(autosearch, "_measure", counted_measure)
+    monkeypatch.setattr(autosearch, "_top1", interrupted_top1)
+    methods = ["tome", "topk", "evit"]
+    with pytest.raises(KeyboardInterrupt):
+        vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
+    record = json.loads((tmp_path / "auto_record.json").read_text())
+    assert len(record["candidates"]) == 5 and calls["measure"] == 5  # tome, evit x2, topk x2: all patched
+    assert sum("holdout_top1" in c for c in record["candidates"].values()) == 2
+    calls.update(measure=0, top1=0)
+    monkeypatch.setattr(autosearch, "_top1", lambda *a, **k: (calls.__setitem__("top1", calls["top1"] + 1), top1(*a, **k))[1])
+    result = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
+    assert calls["measure"] == 0  # every candidate's budget came from the record
+    assert calls["top1"] == 3 + 3 + 2  # rung 1: the three not yet scored; rung 2: 3 of 5; rung 3: 2 of 3
+    assert result["chosen"] in record["candidates"]
+
+
+def test_a_record_of_another_search_is_refused(searched):
+    out, _ = searched
+    with pytest.raises(vitslim.VitslimError, match="records another search"):
+        vitslim.auto(load_model("default"), "digits", out, macs=0.5, **FAST)
+
+
+def test_an_unreachable_speedup_is_said_in_speed_ups(tmp_path, capsys):
+    code = main(["auto", "--speedup", "1000", "--methods", "topk", "--holdout", "16", "--runs", "5",
+                 "--batch-size", "8", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "no setting meets speedup=1000.0" in err and "its strongest setting on this model gives" in err

@@ -1,0 +1,303 @@
+"""``vitslim auto``: the best training-free compressed model for a MACs, latency or speed-up target.
+
+Every candidate (a method with a budget knob and one setting of its main options, ``candidates``)
+is patched to the target, as measured here: ``macs=`` (the one budget search, within 2%), the
+mildest level whose batch-1 latency here meets ``latency_ms`` (``vitslim.measure.fit_latency``), or
+the mildest whose throughput at ``batch_size`` is ``speedup`` times the dense model's
+(``vitslim.measure.fit_speedup``).
+The candidates are then scored by top-1 on held-out images taken from the data's *train* split
+(never the split the result is reported on), by successive halving: all of them on the first
+quarter of the held-out images, the better half on the first half, the best of those on all of
+them; ``time_budget`` stops the halving early (the best on the images scored so far wins).
+Methods that learn their reduction (SiT, SPViT) need fine-tuning and are not searched.
+
+Every measurement is written to ``OUT/auto_record.json`` as soon as it is made, so an interrupted
+search resumes without measuring anything twice. The winner is written with
+``vitslim.export.save`` (``OUT/model.safetensors``), evaluated on the report split, and the report
+(``auto.md``, ``auto.json``: every candidate tried) and a plot (``auto.png``: held-out top-1
+against the measured cost) go beside it. A target that no candidate meets is a ``VitslimError``
+that names the cheapest setting found.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vitslim.data import build_dataset
+from vitslim.errors import VitslimError
+from vitslim.export.files import save
+from vitslim.families import family_of
+from vitslim.io import atomic_write
+from vitslim.measure.accuracy import evaluate
+from vitslim.measure.latency_budget import fit_latency, fit_speedup
+from vitslim.measure.macs import count_macs
+from vitslim.methods.base import get_method
+from vitslim.patch import check_runs_on, patch, unpatch
+
+RECORD = "auto_record.json"
+RUNGS = 3  # successive halving: a quarter, a half, then all of the held-out images
+MACS_TOLERANCE = 0.02  # a candidate's measured MACs must be within 2% of the target
+
+
+class Candidate(NamedTuple):
+    """One setting the search tries: a name for the report, the method and its fixed options."""
+
+    name: str
+    method: str
+    options: dict[str, Any]
+
+
+def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candidate]:
+    """The training-free settings searched on ``model``: each method with a budget knob, and its main options."""
+    depth = len(family_of(model).blocks(model))
+    early = sorted({max(1, depth // 6), max(2, depth // 3), depth // 2})  # reduce sooner than the quarter points
+    found = [
+        Candidate("tome", "tome", {}),
+        Candidate("evit", "evit", {}),
+        Candidate("evit early", "evit", {"locations": early}),
+        Candidate("topk", "topk", {}),
+        Candidate("topk early", "topk", {"locations": early}),
+        Candidate("atme", "atme", {}),
+        Candidate("prune_merge", "prune_merge", {}),
+        Candidate("prune_merge no prune", "prune_merge", {"prune_rate": 0.0}),
+        Candidate("cait tokens 0.5", "cait", {"token_share": 0.5}),
+        Candidate("cait tokens 0.8", "cait", {"token_share": 0.8}),
+        Candidate("cdcp", "cdcp", {}),
+    ]
+    family = family_of(model)
+    runnable = [c for c in found if get_method(c.method).runs_on(family.name)]
+    if methods is not None:
+        unknown = sorted(set(methods) - {c.method for c in found})
+        if unknown:
+            raise VitslimError(f"auto searches {', '.join(sorted({c.method for c in found}))}; not {', '.join(unknown)}"
+                               " (SiT and SPViT learn their reduction: fine-tune them with vitslim train)")
+        for method in methods:
+            check_runs_on(get_method(method), family)
+        runnable = [c for c in runnable if c.method in methods]
+    return runnable
+
+
+def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = None,
+         latency_ms: float | None = None, speedup: float | None = None, speed_batch: int = 32, runs: int = 5,
+         holdout: int = 256, report_limit: int | None = None, report_split: str = "test",
+         methods: list[str] | None = None, time_budget: float | None = None, threads: int = 2, batch_size: int = 64,
+         progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Search the candidates for one target (``macs``, ``latency_ms`` or ``speedup`` at ``speed_batch``), save the
+    best in ``out``; the report as a dict."""
+    if sum(t is not None for t in (macs, latency_ms, speedup)) != 1:
+        raise VitslimError("give one target: macs=FRACTION, latency_ms=MS or speedup=FACTOR")
+    if macs is not None and not 0.0 < macs <= 1.0:
+        raise VitslimError(f"macs={macs} is out of range: give a fraction of the dense MACs in (0, 1]")
+    if latency_ms is not None and latency_ms <= 0:
+        raise VitslimError(f"latency_ms={latency_ms} must be a positive number of milliseconds")
+    if speedup is not None and speedup <= 1.0:
+        raise VitslimError(f"speedup={speedup} must be above 1 (a factor over the dense model's throughput)")
+    if holdout < 8:
+        raise VitslimError(f"holdout={holdout} is too few images to rank settings: give at least 8")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if macs is not None:
+        target = {"macs": macs}
+    elif latency_ms is not None:
+        target = {"latency_ms": latency_ms, "threads": threads}
+    else:
+        target = {"speedup": speedup, "batch_size": speed_batch, "threads": threads}
+    dense = unpatch(copy.deepcopy(model)).eval()
+    held_out = _held_out(dense, data, holdout)
+    record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out), "report_split": report_split})
+    started = time.monotonic()
+    todo = candidates(dense, methods)
+    dense_macs = count_macs(dense)
+
+    def budget_left() -> float | None:
+        return None if time_budget is None else time_budget - (time.monotonic() - started)
+
+    built: dict[str, nn.Module] = {}
+    bar = tqdm(todo, desc="auto: patching to the target", disable=not progress, leave=False)
+    for cand in bar:
+        bar.set_postfix_str(cand.name)
+        entry = record["candidates"].get(cand.name)
+        if entry is None:
+            entry = _measure(dense, cand, target, dense_macs, runs)
+            record["candidates"][cand.name] = entry
+            _write_record(out, record)
+        if "error" not in entry:
+            built[cand.name] = _rebuild(dense, cand.method, entry["options"])
+    if not built:
+        raise VitslimError(_unreachable(target, record["candidates"]))
+
+    alive, scored = list(built), None
+    for rung in range(RUNGS):
+        n = min(len(held_out), max(8, math.ceil(len(held_out) / 2 ** (RUNGS - 1 - rung))))
+        left = budget_left()
+        if scored is not None and left is not None and left <= 0:
+            break  # out of time: the best on the images scored so far
+        bar = tqdm(alive, desc=f"auto: top-1 on {n} held-out images", disable=not progress, leave=False)
+        for name in bar:
+            bar.set_postfix_str(name if left is None else f"{name}, {max(0.0, budget_left()):.0f} s left")
+            scores = record["candidates"][name].setdefault("holdout_top1", {})
+            if str(n) not in scores:
+                scores[str(n)] = _top1(built[name], torch.utils.data.Subset(held_out, range(n)), batch_size, threads)
+                _write_record(out, record)
+        scored = str(n)
+        if rung < RUNGS - 1:  # the better half goes on to twice the images
+            alive = sorted(alive, key=lambda c: (-record["candidates"][c]["holdout_top1"][scored],
+                                                 _cost(record["candidates"][c])))  # ties: the cheaper first
+            alive = alive[:max(1, math.ceil(len(alive) / 2))]
+    best = max(alive, key=lambda c: (record["candidates"][c]["holdout_top1"][scored], -_cost(record["candidates"][c])))
+    chosen = built[best]
+    save(chosen, out / "model.safetensors")
+    report = build_dataset(data, report_split, model=dense, limit=report_limit)
+    loader = torch.utils.data.DataLoader(report, batch_size=batch_size)
+    final = evaluate(chosen, loader, progress=False, threads=threads)
+    dense_final = evaluate(dense, loader, progress=False, threads=threads)
+    result = {
+        "command": command, "target": target, "data": data, "report_split": report_split, "report_images": final["n"],
+        "holdout_split": "train", "holdout_images": len(held_out), "holdout_indices": list(held_out.indices),
+        "chosen": best, "method": record["candidates"][best]["method"], "options": record["candidates"][best]["options"],
+        "macs_ratio": record["candidates"][best]["macs_ratio"], "top1": final["top1"], "top5": final["top5"],
+        "dense_top1": dense_final["top1"], "seconds": round(time.monotonic() - started, 1),
+        "candidates": record["candidates"],
+    }
+    atomic_write(out / "auto.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "auto.md", _markdown(result))
+    _plot(result, out / "auto.png")
+    return result
+
+
+def _held_out(model: nn.Module, data: str, count: int) -> torch.utils.data.Subset:
+    """``count`` images of the train split, spread over its classes (never the split reported on)."""
+    try:
+        train = build_dataset(data, "train", model=model)
+    except VitslimError as exc:
+        raise VitslimError(f"auto holds images out from the data's train split and found none ({exc})") from None
+    from vitslim.data import balanced_subset
+
+    keep = balanced_subset(train.targets, min(count, len(train)))
+    order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0)).tolist()  # every prefix mixed
+    return torch.utils.data.Subset(train, [keep[i] for i in order])
+
+
+def _open_record(out: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The search record in ``out``: resumed if it is for the same search, new otherwise; refused if it differs."""
+    path = out / RECORD
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if {k: record.get(k) for k in header} != header:
+            raise VitslimError(f"{path} records another search ({ {k: record.get(k) for k in header} }); "
+                               "use a new --out folder")
+        return record
+    return {**header, "candidates": {}}
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    atomic_write(out / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def _measure(dense: nn.Module, cand: Candidate, target: dict[str, Any], dense_macs: int, runs: int) -> dict[str, Any]:
+    """Patch a copy of the dense model to the target; its native options and measured cost (or why it cannot)."""
+    model = copy.deepcopy(dense)
+    measured: dict[str, Any] = {}
+    try:
+        if "macs" in target:
+            patch(model, cand.method, macs=target["macs"], **cand.options)
+        elif "latency_ms" in target:
+            record = fit_latency(model, target["latency_ms"], cand.method, threads=target["threads"], **cand.options)
+            measured["latency_ms"] = record["latency_ms"]
+        else:
+            record = fit_speedup(model, target["speedup"], cand.method, batch_size=target["batch_size"],
+                                 threads=target["threads"], runs=runs, **cand.options)
+            measured["speedup"] = record["speedup"]
+    except VitslimError as exc:
+        return {"method": cand.method, "asked": cand.options, "error": str(exc)}
+    entry = {"method": cand.method, "asked": cand.options, "options": model.vitslim_config["options"],
+             "macs_ratio": round(count_macs(model) / dense_macs, 4), **measured}
+    macs = target.get("macs")
+    if macs is not None and abs(entry["macs_ratio"] - macs) > MACS_TOLERANCE * macs:
+        return {**entry, "error": f"measured {entry['macs_ratio']:.3f} of the dense MACs, not within 2% of {macs}"}
+    return entry
+
+
+def _rebuild(dense: nn.Module, method: str, options: dict[str, Any]) -> nn.Module:
+    """A candidate from its recorded native options (no budget search again)."""
+    return patch(copy.deepcopy(dense), method, **options).eval()
+
+
+def _top1(model: nn.Module, images: torch.utils.data.Dataset, batch_size: int, threads: int) -> float:
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
+    return evaluate(model, loader, progress=False, threads=threads)["top1"]
+
+
+def _cost(entry: dict[str, Any]) -> float:
+    """What the target measures, lower is better: latency, 1 / speed-up, or MACs."""
+    if "latency_ms" in entry:
+        return entry["latency_ms"]
+    return 1.0 / entry["speedup"] if "speedup" in entry else entry["macs_ratio"]
+
+
+def _unreachable(target: dict[str, Any], entries: dict[str, dict]) -> str:
+    """One line: the target, and what each method could reach instead."""
+    key = next(k for k in ("macs", "latency_ms", "speedup") if k in target)
+    what = f"{key}={target[key]}"
+    reasons = "; ".join(f"{name}: {entry['error']}" for name, entry in entries.items())
+    return f"no setting meets {what} on this machine ({reasons})"
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    target = ", ".join(f"{k} {v}" for k, v in result["target"].items())
+    lines = [f"# vitslim auto: {target}", ""]
+    if result["command"]:
+        lines += ["Command:", "", f"    {result['command']}", ""]
+    lines += [f"Chosen: **{result['chosen']}** ({result['method']}, options {result['options']}), "
+              f"{result['macs_ratio']:.3f} of the dense MACs; top-1 {result['top1']:.2%} on {result['report_images']} "
+              f"images of the {result['report_split']} split (dense {result['dense_top1']:.2%}). Search: "
+              f"{result['seconds']:.0f} s; candidates ranked on {result['holdout_images']} held-out images of the "
+              "train split (successive halving).", "",
+              "| candidate | method | MACs ratio | batch-1 ms | speed-up | held-out top-1 (images) | note |",
+              "|---|---|---|---|---|---|---|"]
+    for name, entry in result["candidates"].items():
+        scores = entry.get("holdout_top1", {})
+        last = max(scores, key=int) if scores else None
+        score = f"{scores[last]:.2%} ({last})" if last else "-"
+        ms = f"{entry['latency_ms']:.1f}" if "latency_ms" in entry else "-"
+        fast = f"{entry['speedup']:.2f}x" if "speedup" in entry else "-"
+        macs = f"{entry['macs_ratio']:.3f}" if "macs_ratio" in entry else "-"
+        lines.append(f"| {name} | {entry['method']} | {macs} | {ms} | {fast} | {score} | {entry.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: Path) -> Path:
+    """Held-out top-1 (on the most images each candidate was scored on) against its measured cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next((k for k in ("latency_ms", "speedup") if k in result["target"]), "macs_ratio")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, entry in result["candidates"].items():
+        scores = entry.get("holdout_top1")
+        if not scores:
+            continue
+        x = entry[key]
+        y = 100 * scores[max(scores, key=int)]
+        ax.scatter([x], [y], marker="*" if name == result["chosen"] else "o", s=120 if name == result["chosen"] else 30)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel({"latency_ms": "batch-1 latency here (ms)", "speedup": "throughput speed-up here",
+                   "macs_ratio": "MACs (fraction of dense)"}[key])
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title("vitslim auto: every candidate (star: chosen)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
