@@ -35,7 +35,8 @@ EXERCISED = {
     "speed.py": "second_queue", "tome_overhead.py": "second_queue", "cait_speed.py": "test_recorded_python_commands_run",
     "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
     "segment_camvid.py": "test_recorded_python_commands_run", "deploy.py": "test_recorded_python_commands_run",
-    "rope_positions.py": "test_recorded_python_commands_run",
+    "rope_positions.py": "test_recorded_python_commands_run", "auto_cifar10.sh": "test_auto_cifar10",
+    "auto_report.py": "test_auto_cifar10",
 }
 
 
@@ -130,6 +131,15 @@ def test_sit_cifar10(smoke, sit_runs):
 def test_sit_long(smoke, sit_runs):
     smoke("bash", "benchmarks/sit_long.sh")
     assert _runs(smoke.report("sit_long_cifar10")) == ["dense", "sit-frd@0.5", "sit-frd-2ep@0.5"]
+
+
+def test_auto_cifar10(smoke):
+    smoke("bash", "benchmarks/auto_cifar10.sh")
+    rows = smoke.report("auto_cifar10")["rows"]
+    assert [r["target"] for r in rows] == ["macs=0.5", "macs=0.7", "speedup=1.5"]
+    for row in rows[:2]:  # MACs targets are always met; a speed-up may not be on a tiny model
+        assert row["met"] and abs(row["macs_ratio"] - float(row["target"][5:])) <= 0.02 * float(row["target"][5:])
+        assert row["hand"]["method"] == "tome"  # the committed table's best at 0.5 and 0.7
 
 
 def test_spvit_and_its_modes(smoke, sit_runs):

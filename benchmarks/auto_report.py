@@ -1,0 +1,86 @@
+"""The `vitslim auto` benchmark table: each target's chosen setting against the best single method chosen by hand.
+
+    python benchmarks/auto_report.py OUT --hand benchmarks/results/cifar10_training_free.json --name auto_cifar10
+
+OUT holds one `vitslim auto` folder per target (``macs=0.5``, ``speedup=1.5``, ...). The hand-chosen
+row for a MACs target is the committed table's best top-1 at that budget; for a speed-up target, the
+best top-1 among its rows measured at least that fast (batch-32 speed-up of that table's own run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import vitslim  # noqa: F401  (before timm)
+from vitslim.io import atomic_write
+
+
+def hand_choice(hand: dict, key: str, value: float) -> dict | None:
+    """The committed table's best top-1 row meeting the target (None if no row does)."""
+    rows = [r for r in hand["rows"][1:] if (r["budget"] == value if key == "macs" else r.get("speedup", 0) >= value)]
+    return max(rows, key=lambda r: r["top1"]) if rows else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder with one vitslim auto folder per target")
+    parser.add_argument("--hand", required=True, help="committed compare table to choose the single method from")
+    parser.add_argument("--name", default="auto")
+    parser.add_argument("--results", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    hand = json.loads(Path(args.hand).read_text())
+    rows = []
+    for folder in sorted(Path(args.out).iterdir()):
+        if "=" not in folder.name:
+            continue
+        key, value = folder.name.split("=")
+        row = {"target": folder.name, "hand": None}
+        choice = hand_choice(hand, key, float(value))
+        if choice is not None:
+            row["hand"] = {"method": choice["method"], "budget": choice["budget"], "top1": choice["top1"],
+                           "speedup": choice.get("speedup"), "macs_ratio": choice.get("macs_ratio")}
+        report = folder / "auto.json"
+        if not report.is_file():
+            row["met"] = False
+        else:
+            found = json.loads(report.read_text())
+            chosen = found["candidates"][found["chosen"]]
+            row.update(met=True, chosen=found["chosen"], options=found["options"], macs_ratio=found["macs_ratio"],
+                       speedup=chosen.get("speedup"), top1=found["top1"], dense_top1=found["dense_top1"],
+                       report_images=found["report_images"], holdout_images=found["holdout_images"],
+                       seconds=found["seconds"], command=found["command"])
+        rows.append(row)
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/auto_report.py", *(argv or sys.argv[1:])])
+    lines = [f"# {args.name}: vitslim auto against the best single method chosen by hand", "", "Command:", "",
+             f"    {command}", "", f"Hand-chosen from `{args.hand}` (its own speed run).", "",
+             "| target | auto's choice | MACs ratio | speed-up (auto's run) | top-1 | hand-chosen | its top-1 | "
+             "its speed-up | auto - hand | search |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r["hand"]
+        hand_cells = (f"{h['method']}@{h['budget']}", f"{100 * h['top1']:.2f}",
+                      f"{h['speedup']:.2f}x" if h.get("speedup") else "-") if h else ("none", "-", "-")
+        if not r["met"]:
+            lines.append(f"| {r['target']} | not met here | - | - | - | {' | '.join(hand_cells)} | - | - |")
+            continue
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        delta = f"{100 * (r['top1'] - h['top1']):+.2f}" if h else "-"
+        lines.append(f"| {r['target']} | {r['chosen']} | {r['macs_ratio']:.3f} | {speed} | {100 * r['top1']:.2f} | "
+                     f"{' | '.join(hand_cells)} | {delta} | {r['seconds']:.0f} s |")
+    met = [r for r in rows if r["met"]]
+    if met:
+        lines += ["", f"Top-1 on {met[0]['report_images']} test images (dense {100 * met[0]['dense_top1']:.2f}); "
+                  f"candidates ranked on {met[0]['holdout_images']} held-out train images.", "",
+                  "Each target's command:", ""] + [f"    {r['command']}" for r in met]
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write(results / f"{args.name}.json", json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    atomic_write(results / f"{args.name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
