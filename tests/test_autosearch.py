@@ -98,3 +98,11 @@ def test_an_unreachable_speedup_is_said_in_speed_ups(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "no setting meets speedup=1000.0" in err and "its strongest setting on this model gives" in err
+
+
+def test_held_out_images_are_seen_as_at_evaluation_not_augmented():
+    """The train split's images, but through the evaluation transform: the same tensors every time."""
+    held = autosearch._held_out(load_model("default"), "digits", 16)
+    assert all(torch.equal(held[i][0], held[i][0]) for i in range(16))
+    with pytest.raises(vitslim.VitslimError, match="report on another split"):
+        vitslim.auto(load_model("default"), "digits", "unused", macs=0.6, report_split="train")

@@ -100,6 +100,8 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         raise VitslimError(f"latency_ms={latency_ms} must be a positive number of milliseconds")
     if speedup is not None and speedup <= 1.0:
         raise VitslimError(f"speedup={speedup} must be above 1 (a factor over the dense model's throughput)")
+    if report_split == "train":
+        raise VitslimError("auto ranks on held-out images of the train split: report on another split (--split test)")
     if holdout < 8:
         raise VitslimError(f"holdout={holdout} is too few images to rank settings: give at least 8")
     out = Path(out)
@@ -155,7 +157,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     best = max(alive, key=lambda c: (record["candidates"][c]["holdout_top1"][scored], -_cost(record["candidates"][c])))
     chosen = built[best]
     save(chosen, out / "model.safetensors")
-    report = build_dataset(data, report_split, model=dense, limit=report_limit)
+    report = build_dataset(data, report_split, model=dense, limit=report_limit, evaluation=True)
     loader = torch.utils.data.DataLoader(report, batch_size=batch_size)
     final = evaluate(chosen, loader, progress=False, threads=threads)
     dense_final = evaluate(dense, loader, progress=False, threads=threads)
@@ -176,7 +178,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
 def _held_out(model: nn.Module, data: str, count: int) -> torch.utils.data.Subset:
     """``count`` images of the train split, spread over its classes (never the split reported on)."""
     try:
-        train = build_dataset(data, "train", model=model)
+        train = build_dataset(data, "train", model=model, evaluation=True)  # no augmentation: ranked as evaluated
     except VitslimError as exc:
         raise VitslimError(f"auto holds images out from the data's train split and found none ({exc})") from None
     from vitslim.data import balanced_subset

@@ -148,10 +148,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | None = None,
-                  limit: int | None = None, augment: dict | None = None) -> torch.utils.data.Dataset:
+                  limit: int | None = None, augment: dict | None = None,
+                  evaluation: bool = False) -> torch.utils.data.Dataset:
     """A labelled image dataset ("digits", a short name under data_root(), or a folder) preprocessed for `model`.
 
-    ``augment`` (keyword arguments of ``train_transform``) switches to training augmentation.
+    ``augment`` (keyword arguments of ``train_transform``) switches to training augmentation;
+    ``evaluation`` gives the evaluation transform whatever the split (e.g. held-out train images).
     """
     if limit is not None and limit < 1:
         raise VitslimError(f"limit must be a positive number of images, got {limit}")
@@ -166,7 +168,10 @@ def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | No
     if limit is not None and limit < len(items):
         keep = balanced_subset(targets, limit)
         items, targets = [items[i] for i in keep], [targets[i] for i in keep]
-    transform = train_transform(cfg, spec=spec, **augment) if augment is not None else build_transform(cfg, split, spec)
+    if augment is not None:
+        transform = train_transform(cfg, spec=spec, **augment)
+    else:
+        transform = build_transform(cfg, "test" if evaluation else split, spec)
     return ImageDataset(items, targets, classes, transform, IMAGE_MODES[cfg["input_size"][0]])
 
 
