@@ -12,4 +12,4 @@ for target in macs=0.5 macs=0.7 speedup=1.5; do
     || echo "auto_cifar10.sh: $target not met on this machine (see above)" >&2
 done
 "$PYTHON" benchmarks/auto_report.py "$OUT" --hand benchmarks/results/cifar10_training_free.json --name auto_cifar10 \
-    --results "$RESULTS"
+    --results "$RESULTS" --command "bash benchmarks/auto_cifar10.sh"

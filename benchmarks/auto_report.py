@@ -1,6 +1,7 @@
 """The `vitslim auto` benchmark table: each target's chosen setting against the best single method chosen by hand.
 
-    python benchmarks/auto_report.py OUT --hand benchmarks/results/cifar10_training_free.json --name auto_cifar10
+    python benchmarks/auto_report.py OUT --hand benchmarks/results/cifar10_training_free.json --name auto_cifar10 \
+        --command "bash benchmarks/auto_cifar10.sh"
 
 OUT holds one `vitslim auto` folder per target (``macs=0.5``, ``speedup=1.5``, ...). The hand-chosen
 row for a MACs target is the committed table's best top-1 at that budget; for a speed-up target, the
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hand", required=True, help="committed compare table to choose the single method from")
     parser.add_argument("--name", default="auto")
     parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--command", help="the command to record (default: this script's own command line)")
     args = parser.parse_args(argv)
     hand = json.loads(Path(args.hand).read_text())
     rows = []
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                        report_images=found["report_images"], holdout_images=found["holdout_images"],
                        seconds=found["seconds"], command=found["command"])
         rows.append(row)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/auto_report.py", *(argv or sys.argv[1:])])
+    command = args.command or "python " + " ".join(shlex.quote(a) for a in ["benchmarks/auto_report.py",
+                                                                              *(argv or sys.argv[1:])])
     lines = [f"# {args.name}: vitslim auto against the best single method chosen by hand", "", "Command:", "",
              f"    {command}", "", f"Hand-chosen from `{args.hand}` (its own speed run).", "",
              "| target | auto's choice | MACs ratio | speed-up (auto's run) | top-1 | hand-chosen | its top-1 | "
