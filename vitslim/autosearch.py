@@ -31,11 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitslim.data import build_dataset
+from vitslim.data import balanced_subset, build_dataset
 from vitslim.errors import VitslimError
 from vitslim.export.files import save
 from vitslim.families import family_of
-from vitslim.io import atomic_write
+from vitslim.io import atomic_write, write_png
 from vitslim.measure.accuracy import evaluate
 from vitslim.measure.latency_budget import fit_latency, fit_speedup
 from vitslim.measure.macs import count_macs
@@ -181,8 +181,6 @@ def _held_out(model: nn.Module, data: str, count: int) -> torch.utils.data.Subse
         train = build_dataset(data, "train", model=model, evaluation=True)  # no augmentation: ranked as evaluated
     except VitslimError as exc:
         raise VitslimError(f"auto holds images out from the data's train split and found none ({exc})") from None
-    from vitslim.data import balanced_subset
-
     keep = balanced_subset(train.targets, min(count, len(train)))
     order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0)).tolist()  # every prefix mixed
     return torch.utils.data.Subset(train, [keep[i] for i in order])
@@ -299,7 +297,4 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("vitslim auto: every candidate (star: chosen)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    return write_png(fig, path, dpi=120)

@@ -51,6 +51,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     return path
 
 
+
+def write_png(fig, path: str | os.PathLike, dpi: int = 100) -> pathlib.Path:
+    """Save a matplotlib figure as PNG with ``atomic_write``, then close it (also when saving fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
 def _fsync_dir(folder: pathlib.Path) -> None:
     """Make the rename itself durable; best effort (not every platform can open a directory)."""
     try:

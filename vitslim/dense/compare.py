@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vitslim.dense.data import IGNORE
 from vitslim.dense.heads import SegmentationModel
 from vitslim.dense.metrics import evaluate_segmentation
-from vitslim.io import atomic_write
+from vitslim.io import write_png
 from vitslim.measure.compare import Prebuilt, add_prebuilt, build_configs, count_row_macs, protocol, time_rows
 from vitslim.measure.macs import count_macs
 from vitslim.measure.speed import check_timing
@@ -118,7 +118,4 @@ def prediction_figure(segmenters: dict[str, nn.Module], images: Tensor, masks: T
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k] / 255) for k in range(num_classes)]
         fig.legend(handles, list(class_names), loc="lower center", ncol=min(num_classes, 6), fontsize=7)
     fig.tight_layout(rect=(0, 0.08 if class_names is not None else 0, 1, 1))
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return write_png(fig, path, dpi=100)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vitslim.data import IMAGE_MODES, build_transform, data_config, load_image
 from vitslim.dense.features import block_indices, check_one_grid, patch_grid
 from vitslim.errors import VitslimError
-from vitslim.io import atomic_write
+from vitslim.io import write_png
 from vitslim.patch import check_input, is_patched
 from vitslim.tokens import TokenState, init_source
 
@@ -183,7 +183,4 @@ def save_figure(path: str | os.PathLike, image: np.ndarray, rows: Mapping[str, M
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return write_png(fig, path, dpi=100)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vitslim.io import atomic_write
+from vitslim.io import atomic_write, write_png
 
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
@@ -106,7 +106,4 @@ def plot_accuracy_vs_throughput(result: dict[str, Any], path: str | Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    return write_png(fig, path, dpi=120)
