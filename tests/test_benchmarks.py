@@ -36,7 +36,8 @@ EXERCISED = {
     "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
     "segment_camvid.py": "test_recorded_python_commands_run", "deploy.py": "test_recorded_python_commands_run",
     "rope_positions.py": "test_recorded_python_commands_run", "auto_cifar10.sh": "test_auto_cifar10",
-    "auto_report.py": "test_auto_cifar10",
+    "auto_report.py": "test_auto_cifar10", "long_finetune.sh": "test_long_finetune_resumes_and_marks_unfinished",
+    "long_report.py": "test_long_finetune_resumes_and_marks_unfinished",
 }
 
 
@@ -140,6 +141,23 @@ def test_auto_cifar10(smoke):
     for row in rows[:2]:  # MACs targets are always met; a speed-up may not be on a tiny model
         assert row["met"] and abs(row["macs_ratio"] - float(row["target"][5:])) <= 0.02 * float(row["target"][5:])
         assert row["hand"]["method"] == "tome"  # the committed table's best at 0.5 and 0.7
+
+
+def test_long_finetune_resumes_and_marks_unfinished(smoke):
+    name = "long_finetune_cifar10-5ep@0.5"
+    smoke("bash", "benchmarks/long_finetune.sh", RUNS="dense tome cait")
+    first = {r["run"]: r for r in smoke.report(name)["rows"]}
+    assert list(first) == ["dense", "tome@0.5", "cait@0.5"]
+    assert all(r["status"] == "finished" and set(r["curve"]) == {"0", "1"} for r in first.values())
+    assert first["tome@0.5"]["deit_s_speedup_b32"] is not None and first["cait@0.5"]["top1_exported"] is not None
+    # killed after its last checkpoint: the report shows the run as unfinished, a rerun completes it
+    (smoke.work / name / "tome@0.5" / "summary.json").unlink()
+    smoke(smoke.python, "benchmarks/long_report.py", str(smoke.work / name), "dense", "tome@0.5", "--name", name,
+          "--results", str(smoke.results))
+    assert smoke.report(name)["rows"][1]["status"] == "unfinished"
+    smoke("bash", "benchmarks/long_finetune.sh", RUNS="dense tome cait")
+    rows = smoke.report(name)["rows"]
+    assert rows[1]["status"] == "finished" and rows[1]["curve"] == first["tome@0.5"]["curve"]
 
 
 def test_spvit_and_its_modes(smoke, sit_runs):
