@@ -1,4 +1,5 @@
 """vitslim auto: the search meets its target as measured, ranks on held-out train images, resumes, fails clearly."""
+import copy
 import hashlib
 import json
 
@@ -12,7 +13,7 @@ from vitslim.data import build_dataset, digits_split
 from vitslim.measure import evaluate
 from vitslim.zoo import load_model
 
-FAST = dict(holdout=48, report_limit=120, progress=False)
+FAST = dict(holdout=48, calibration=64, report_limit=120, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,30 @@ def test_held_out_images_come_from_the_train_split_and_never_from_the_reported_o
     train, _ = digits_split("train")
     test, _ = digits_split("test")
     held = {hashlib.sha1(train[i].tobytes()).hexdigest() for i in result["holdout_indices"]}
+    calibration = {hashlib.sha1(train[i].tobytes()).hexdigest() for i in result["calibration_indices"]}
     reported = {hashlib.sha1(image.tobytes()).hexdigest() for image in test}
     assert len(held) == 48 and result["holdout_split"] == "train" and result["report_split"] == "test"
-    assert not held & reported
+    assert len(calibration) == 64 and not held & reported and not calibration & (held | reported)
+
+
+def test_a_calibrated_candidate_is_rebuilt_with_its_calibration():
+    """The search ranks and saves the model the calibration pass made, not a data-free rebuild of its options."""
+    dense = load_model("default")
+    _, calibration = autosearch._train_images(dense, "digits", 48, 64)
+    loader = torch.utils.data.DataLoader(calibration, batch_size=32)
+    cand = next(c for c in autosearch.candidates(dense) if c.name == "cdcp fluctuation")
+    prepared = autosearch._prepare(dense, cand, loader)
+    entry = autosearch._measure(dense, cand, prepared, {"macs": 0.7}, vitslim.count_macs(dense), runs=5)
+    assert entry["options"]["importance"] == "fluctuation"
+    rebuilt = autosearch._rebuild(dense, "cdcp", {**prepared, **entry["options"]})
+    keep = entry["options"]["keep_rate"]
+    direct = vitslim.patch(copy.deepcopy(dense), "cdcp", keep_rate=keep, importance="fluctuation", calibration=loader)
+    data_free = vitslim.patch(copy.deepcopy(dense), "cdcp", keep_rate=keep)
+
+    def state(model):
+        return [v for k, v in sorted(model.state_dict().items()) if ".scores." in k or "_mean" in k]
+    assert state(rebuilt) and all(torch.equal(a, b) for a, b in zip(state(rebuilt), state(direct)))
+    assert not all(torch.equal(a, b) for a, b in zip(state(rebuilt), state(data_free)))
 
 
 def test_an_unreachable_latency_target_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -102,7 +124,8 @@ def test_an_unreachable_speedup_is_said_in_speed_ups(tmp_path, capsys):
 
 def test_held_out_images_are_seen_as_at_evaluation_not_augmented():
     """The train split's images, but through the evaluation transform: the same tensors every time."""
-    held = autosearch._held_out(load_model("default"), "digits", 16)
-    assert all(torch.equal(held[i][0], held[i][0]) for i in range(16))
+    held, calibration = autosearch._train_images(load_model("default"), "digits", 16, 16)
+    assert all(torch.equal(held[i][0], held[i][0]) and torch.equal(calibration[i][0], calibration[i][0])
+               for i in range(16))
     with pytest.raises(vitslim.VitslimError, match="report on another split"):
         vitslim.auto(load_model("default"), "digits", "unused", macs=0.6, report_split="train")

@@ -38,6 +38,7 @@ EXERCISED = {
     "rope_positions.py": "test_recorded_python_commands_run", "auto_cifar10.sh": "test_auto_cifar10",
     "auto_report.py": "test_auto_cifar10", "long_finetune.sh": "test_long_finetune_resumes_and_marks_unfinished",
     "long_report.py": "test_long_finetune_resumes_and_marks_unfinished",
+    "channel_importance.py": "test_recorded_python_commands_run",
 }
 
 

@@ -9,7 +9,7 @@ import vitslim
 from vitslim import export
 from vitslim.measure.macs import count_macs
 from vitslim.methods.atme import merge_neighbours, parse_schedule
-from vitslim.methods.cdcp import FREEZE_AT, RAMP_END, allocate, ramp_keep
+from vitslim.methods.cdcp import FREEZE_AT, RAMP_END, activation_importance, allocate, ramp_keep
 from vitslim.tokens import TokenState, init_source
 from vitslim.train.engine import set_progress
 
@@ -209,6 +209,86 @@ def test_cdcp_taylor_calibration_and_refusals():
         vitslim.patch(_vit(), "cdcp", importance="random")
     with pytest.raises(vitslim.VitslimError, match="unknown cdcp options"):
         vitslim.patch(_vit(), "cdcp", rate=0.5)
+
+
+def test_activation_importance_is_the_norm_of_each_channels_own_contribution():
+    """Per block: |contribution to the residual| of each MLP hidden and value channel (after LayerScale), and
+    |q_c k_c^T| of each query/key channel over each image's logits; heads summed, computed here by hand."""
+    model = _vit(init_values=0.5)
+    with torch.no_grad():
+        for blk in model.blocks:  # unequal gammas, so LayerScale must be taken into account
+            blk.ls1.gamma.uniform_(0.1, 2.0)
+            blk.ls2.gamma.uniform_(0.1, 2.0)
+    images = torch.randn(6, 3, 32, 32)
+    importance = activation_importance(model, images)
+    captured = {}
+    blk = model.blocks[2]
+    handle = blk.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    model(images)
+    handle.remove()
+    heads, d = blk.attn.num_heads, blk.attn.head_dim
+    with torch.no_grad():
+        x = captured["x"]
+        q, k, v = blk.attn.qkv(blk.norm1(x)).unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        o = torch.softmax(q @ k.transpose(-1, -2) * blk.attn.scale, -1) @ v  # (B, H, N, d): proj's input
+        residual = x + blk.ls1(blk.attn.proj(o.transpose(1, 2).flatten(2)))
+        hidden = blk.mlp.act(blk.mlp.fc1(blk.norm2(residual)))
+        for c in (0, 7, 31):
+            v_norm = sum(blk.ls1(o[:, h, :, c:c + 1] * blk.attn.proj.weight[:, h * d + c]).norm() for h in range(heads))
+            qk_norm = sum(torch.einsum("bn,bm->bnm", q[:, h, :, c], k[:, h, :, c]).pow(2).sum().sqrt()
+                          for h in range(heads))
+            assert torch.allclose(importance[2]["v"][c], v_norm, rtol=1e-4)
+            assert torch.allclose(importance[2]["qk"][c], qk_norm, rtol=1e-4)
+        for j in (0, 5, 100):
+            mlp_norm = blk.ls2(hidden[..., j:j + 1] * blk.mlp.fc2.weight[:, j]).norm()
+            assert torch.allclose(importance[2]["mlp"][j], mlp_norm, rtol=1e-4)
+
+
+def _half_dead_vit():
+    """A tiny LayerScale ViT whose even channels carry constants in every block: q and k zero, v and the MLP
+    hidden channel a bias only. Pruning only such channels, and holding them at their mean, changes nothing."""
+    model = _vit(init_values=0.5)
+    with torch.no_grad():
+        for blk in model.blocks:
+            heads, d = blk.attn.num_heads, blk.attn.head_dim
+            w = blk.attn.qkv.weight.view(3, heads, d, -1)
+            b = blk.attn.qkv.bias.view(3, heads, d)
+            w[:, :, ::2] = 0
+            b[:2, :, ::2] = 0
+            b[2, :, ::2] = torch.randn(heads, d // 2)  # v = its bias: the attention output is that constant
+            blk.mlp.fc1.weight[::2] = 0  # hidden = act(bias): constant
+            blk.mlp.fc1.bias[::2] = torch.randn(blk.mlp.fc1.out_features // 2)
+    return model
+
+
+def test_fluctuation_prunes_constant_channels_first_and_compensates_them_exactly():
+    images, x = torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    dense = _half_dead_vit()
+    compensated = vitslim.patch(_half_dead_vit(), "cdcp", keep_rate=0.6, importance="fluctuation", calibration=images)
+    blocks = _masks(compensated)
+    assert all(r.counts[0] < r.head_dim and r.counts[1] < r.hidden for r in blocks)  # pruned in every block
+    for r in blocks:  # only dead channels pruned
+        assert r.mask_qk[1::2].all() and r.mask_v[1::2].all() and r.mask_mlp[1::2].all()
+    plain = vitslim.patch(_half_dead_vit(), "cdcp", keep_rate=0.6, importance="activation", calibration=images)
+    with torch.no_grad():
+        reference = dense(x)
+        assert (compensated(x) - reference).abs().max() <= 1e-4
+        assert (plain(x) - reference).abs().max() > 1e-2  # without the means, the constants are lost
+        assert (export.slim(compensated)(x) - reference).abs().max() <= 1e-4  # means folded into the biases
+        # a checkpoint restores the means: the rebuilt patch (no calibration) loads them from the state dict
+        rebuilt = vitslim.patch(_half_dead_vit(), "cdcp", keep_rate=0.6, importance="fluctuation")
+        rebuilt.load_state_dict(compensated.state_dict())
+        assert torch.equal(rebuilt(x), compensated(x))
+
+
+def test_activation_importance_option():
+    images = torch.randn(8, 3, 32, 32)
+    for method in ("cdcp", "cait"):
+        model = vitslim.patch(_vit(), method, macs=0.6, importance="activation", calibration=images)
+        assert model.vitslim_config["options"]["importance"] == "activation"
+        assert abs(count_macs(model) / count_macs(vitslim.unpatch(_vit())) - 0.6) <= 0.02 * 0.6
+    with pytest.raises(vitslim.VitslimError, match="data-free: drop calibration="):
+        vitslim.patch(_vit(), "cdcp", importance="magnitude", calibration=images)
 
 
 @pytest.mark.parametrize("method", ["cdcp", "cait"])

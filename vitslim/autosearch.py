@@ -9,7 +9,9 @@ The candidates are then scored by top-1 on held-out images taken from the data's
 (never the split the result is reported on), by successive halving: all of them on the first
 quarter of the held-out images, the better half on the first half, the best of those on all of
 them; ``time_budget`` stops the halving early (the best on the images scored so far wins).
-Methods that learn their reduction (SiT, SPViT) need fine-tuning and are not searched.
+Methods that learn their reduction (SiT, SPViT) need fine-tuning and are not searched. Candidates that
+score on data (Prune-and-Merge's calibration pass; CDCP/CAIT with ``importance="fluctuation"``) use
+``calibration`` other train-split images, once per candidate.
 
 Every measurement is written to ``OUT/auto_record.json`` as soon as it is made, so an interrupted
 search resumes without measuring anything twice. The winner is written with
@@ -48,11 +50,13 @@ MACS_TOLERANCE = 0.02  # a candidate's measured MACs must be within 2% of the ta
 
 
 class Candidate(NamedTuple):
-    """One setting the search tries: a name for the report, the method and its fixed options."""
+    """One setting the search tries: a name for the report, the method, its fixed options, and whether the
+    method scores on calibration images (``calibration=``) before it is patched."""
 
     name: str
     method: str
     options: dict[str, Any]
+    calibrated: bool = False
 
 
 def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candidate]:
@@ -68,9 +72,14 @@ def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candi
         Candidate("atme", "atme", {}),
         Candidate("prune_merge", "prune_merge", {}),
         Candidate("prune_merge no prune", "prune_merge", {"prune_rate": 0.0}),
+        Candidate("prune_merge calibrated", "prune_merge", {}, calibrated=True),  # the paper's scoring pass
         Candidate("cait tokens 0.5", "cait", {"token_share": 0.5}),
         Candidate("cait tokens 0.8", "cait", {"token_share": 0.8}),
+        # channels scored on calibration images and held at their mean when pruned: the training-free choice
+        Candidate("cait tokens 0.5 fluctuation", "cait", {"token_share": 0.5, "importance": "fluctuation"}, True),
+        Candidate("cait tokens 0.8 fluctuation", "cait", {"token_share": 0.8, "importance": "fluctuation"}, True),
         Candidate("cdcp", "cdcp", {}),
+        Candidate("cdcp fluctuation", "cdcp", {"importance": "fluctuation"}, calibrated=True),
     ]
     family = family_of(model)
     runnable = [c for c in found if get_method(c.method).runs_on(family.name)]
@@ -87,7 +96,7 @@ def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candi
 
 def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = None,
          latency_ms: float | None = None, speedup: float | None = None, speed_batch: int = 32, runs: int = 5,
-         holdout: int = 256, report_limit: int | None = None, report_split: str = "test",
+         holdout: int = 256, calibration: int = 256, report_limit: int | None = None, report_split: str = "test",
          methods: list[str] | None = None, time_budget: float | None = None, threads: int = 2, batch_size: int = 64,
          progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Search the candidates for one target (``macs``, ``latency_ms`` or ``speedup`` at ``speed_batch``), save the
@@ -104,6 +113,8 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         raise VitslimError("auto ranks on held-out images of the train split: report on another split (--split test)")
     if holdout < 8:
         raise VitslimError(f"holdout={holdout} is too few images to rank settings: give at least 8")
+    if calibration < 0:
+        raise VitslimError(f"calibration={calibration} must be a number of images (0: no calibrated candidates)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if macs is not None:
@@ -113,8 +124,11 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     else:
         target = {"speedup": speedup, "batch_size": speed_batch, "threads": threads}
     dense = unpatch(copy.deepcopy(model)).eval()
-    held_out = _held_out(dense, data, holdout)
-    record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out), "report_split": report_split})
+    held_out, calibration_images = _train_images(dense, data, holdout, calibration)
+    calibration_loader = (torch.utils.data.DataLoader(calibration_images, batch_size=32)
+                          if len(calibration_images) else None)
+    record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out),
+                                "calibration": len(calibration_images), "report_split": report_split})
     started = time.monotonic()
     todo = candidates(dense, methods)
     dense_macs = count_macs(dense)
@@ -127,12 +141,19 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     for cand in bar:
         bar.set_postfix_str(cand.name)
         entry = record["candidates"].get(cand.name)
+        if entry is not None and "error" in entry:
+            continue
+        try:  # once per candidate: its calibration pass, or a data-free method's own preparation
+            prepared = _prepare(dense, cand, calibration_loader)
+        except VitslimError as exc:
+            entry = {"method": cand.method, "asked": cand.options, "error": str(exc)}
         if entry is None:
-            entry = _measure(dense, cand, target, dense_macs, runs)
+            entry = _measure(dense, cand, prepared, target, dense_macs, runs)
+        if cand.name not in record["candidates"]:
             record["candidates"][cand.name] = entry
             _write_record(out, record)
         if "error" not in entry:
-            built[cand.name] = _rebuild(dense, cand.method, entry["options"])
+            built[cand.name] = _rebuild(dense, cand.method, {**prepared, **entry["options"]})
     if not built:
         raise VitslimError(_unreachable(target, record["candidates"]))
 
@@ -164,6 +185,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     result = {
         "command": command, "target": target, "data": data, "report_split": report_split, "report_images": final["n"],
         "holdout_split": "train", "holdout_images": len(held_out), "holdout_indices": list(held_out.indices),
+        "calibration_images": len(calibration_images), "calibration_indices": list(calibration_images.indices),
         "chosen": best, "method": record["candidates"][best]["method"], "options": record["candidates"][best]["options"],
         "macs_ratio": record["candidates"][best]["macs_ratio"], "top1": final["top1"], "top5": final["top5"],
         "dense_top1": dense_final["top1"], "seconds": round(time.monotonic() - started, 1),
@@ -175,15 +197,32 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     return result
 
 
-def _held_out(model: nn.Module, data: str, count: int) -> torch.utils.data.Subset:
-    """``count`` images of the train split, spread over its classes (never the split reported on)."""
+def _train_images(model: nn.Module, data: str, holdout: int,
+                  calibration: int) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
+    """``holdout`` images of the train split to rank on and ``calibration`` others to score channels and
+    tokens with, each spread over the classes (never the split reported on; never each other's)."""
     try:
         train = build_dataset(data, "train", model=model, evaluation=True)  # no augmentation: ranked as evaluated
     except VitslimError as exc:
         raise VitslimError(f"auto holds images out from the data's train split and found none ({exc})") from None
-    keep = balanced_subset(train.targets, min(count, len(train)))
+    keep = balanced_subset(train.targets, min(holdout, len(train)))
     order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0)).tolist()  # every prefix mixed
-    return torch.utils.data.Subset(train, [keep[i] for i in order])
+    taken = set(keep)
+    rest = [i for i in range(len(train)) if i not in taken]
+    chosen = balanced_subset([train.targets[i] for i in rest], min(calibration, len(rest))) if calibration and rest else []
+    return (torch.utils.data.Subset(train, [keep[i] for i in order]),
+            torch.utils.data.Subset(train, [rest[i] for i in chosen]))
+
+
+def _prepare(dense: nn.Module, cand: Candidate, calibration: Any) -> dict[str, Any]:
+    """The candidate's options after its method's one-time preparation (a calibration pass where it scores
+    on data), so that budget searches and rebuilds do not repeat it."""
+    options = dict(cand.options)
+    if cand.calibrated:
+        if calibration is None:
+            raise VitslimError("no train images are left for calibration (give --calibration N, or more data)")
+        options["calibration"] = calibration
+    return get_method(cand.method).prepare(dense, options)
 
 
 def _open_record(out: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -202,19 +241,21 @@ def _write_record(out: Path, record: dict[str, Any]) -> None:
     atomic_write(out / RECORD, json.dumps(record, indent=2) + "\n")
 
 
-def _measure(dense: nn.Module, cand: Candidate, target: dict[str, Any], dense_macs: int, runs: int) -> dict[str, Any]:
-    """Patch a copy of the dense model to the target; its native options and measured cost (or why it cannot)."""
+def _measure(dense: nn.Module, cand: Candidate, options: dict[str, Any], target: dict[str, Any], dense_macs: int,
+             runs: int) -> dict[str, Any]:
+    """Patch a copy of the dense model to the target with the prepared ``options``; its native options and measured
+    cost (or why it cannot)."""
     model = copy.deepcopy(dense)
     measured: dict[str, Any] = {}
     try:
         if "macs" in target:
-            patch(model, cand.method, macs=target["macs"], **cand.options)
+            patch(model, cand.method, macs=target["macs"], **options)
         elif "latency_ms" in target:
-            record = fit_latency(model, target["latency_ms"], cand.method, threads=target["threads"], **cand.options)
+            record = fit_latency(model, target["latency_ms"], cand.method, threads=target["threads"], **options)
             measured["latency_ms"] = record["latency_ms"]
         else:
             record = fit_speedup(model, target["speedup"], cand.method, batch_size=target["batch_size"],
-                                 threads=target["threads"], runs=runs, **cand.options)
+                                 threads=target["threads"], runs=runs, **options)
             measured["speedup"] = record["speedup"]
     except VitslimError as exc:
         return {"method": cand.method, "asked": cand.options, "error": str(exc)}

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--limit", type=int, help="report on only this many images of --split (evenly spread)")
     auto.add_argument("--holdout", type=int, default=256,
                       help="train-split images the candidates are ranked on (default 256)")
+    auto.add_argument("--calibration", type=int, default=256,
+                      help="other train-split images the calibrated candidates score channels/tokens on "
+                           "(default 256; 0: search only data-free settings)")
     auto.add_argument("--methods", help="comma-separated methods to search (default: every training-free one)")
     auto.add_argument("--time-budget", type=float, help="seconds: stop the successive halving when they are spent")
     auto.add_argument("--eval-batch-size", type=int, default=64)
@@ -151,7 +154,7 @@ def _run_auto(args: argparse.Namespace) -> int:
     data = _required_data(args, model, "with a train split to rank on")
     result = auto(model, data, args.out, macs=args.macs, latency_ms=args.latency_ms, speedup=args.speedup,
                   speed_batch=args.batch_size, runs=args.runs, holdout=args.holdout,
-                  report_limit=args.limit, report_split=args.split,
+                  calibration=args.calibration, report_limit=args.limit, report_split=args.split,
                   methods=_method_list(args.methods) if args.methods else None, time_budget=args.time_budget,
                   threads=args.threads, batch_size=args.eval_batch_size, progress=not args.no_progress,
                   command=_command(args))

@@ -77,12 +77,15 @@ def data_config(model: torch.nn.Module | None = None, spec: str | None = None) -
         return dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=timm.data.DEFAULT_CROP_PCT,
                     crop_mode="center", mean=timm.data.IMAGENET_DEFAULT_MEAN, std=timm.data.IMAGENET_DEFAULT_STD)
     cfg = timm.data.resolve_data_config({}, model=model)
-    if not getattr(model, "pretrained_cfg", None):
-        # a model built directly from its class has no pretrained_cfg: take the input size from the model
-        try:
-            cfg["input_size"] = default_input_size(model)
-        except VitslimError:  # not a model vitslim runs: timm's resolved config stands
-            pass
+    try:
+        size = tuple(default_input_size(model))
+    except VitslimError:  # not a model vitslim runs: timm's resolved config stands
+        size = None
+    # a model built from its class has no pretrained_cfg, and one built with img_size=... (e.g. DINOv2 at
+    # 224 instead of 518) has the original's: a fixed-size model takes its own input size
+    if size is not None and (not getattr(model, "pretrained_cfg", None)
+                             or not getattr(model, "dynamic_img_size", False)):
+        cfg["input_size"] = size
     channels = cfg["input_size"][0]
     for key in ("mean", "std"):  # e.g. ImageNet's 3-channel defaults for a 1-channel model: average them
         if len(cfg[key]) != channels:

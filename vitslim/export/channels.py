@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from vitslim.errors import VitslimError
 from vitslim.families import family_of
+from vitslim.methods.cdcp import filled_bias
 from vitslim.models import model_spec
 from vitslim.patch import is_patched, patch, unpatch
 
@@ -35,6 +36,14 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
         if bias is not None:
             layer.bias.copy_(bias)
     return layer
+
+
+def _set_bias(layer: nn.Linear, bias: Tensor) -> None:
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.detach().clone())
+        else:
+            layer.bias.copy_(bias)
 
 
 def slice_block(blk: nn.Module, m_qk: Tensor, m_v: Tensor, m_mlp: Tensor) -> None:
@@ -92,8 +101,12 @@ def slim(model: nn.Module) -> nn.Module:
     cfg = model.vitslim_config
     model = copy.deepcopy(model).eval()
     masks = [(r.mask_qk, r.mask_v, r.mask_mlp) for r in model._vitslim_plan]
+    fills = [r.fills(r.mask_v, r.mask_mlp) for r in model._vitslim_plan]
     unpatch(model)
-    for blk, (m_qk, m_v, m_mlp) in zip(model.blocks, masks):
+    for blk, (m_qk, m_v, m_mlp), fill in zip(model.blocks, masks, fills):
+        if fill:  # mean compensation: the pruned channels' means go into the biases, once
+            _set_bias(blk.attn.proj, filled_bias(blk.attn.proj, fill["v_fill"]))
+            _set_bias(blk.mlp.fc2, filled_bias(blk.mlp.fc2, fill["mlp_fill"]))
         slice_block(blk, m_qk, m_v, m_mlp)
     if spec is not None:
         model.vitslim_spec = spec  # the dense architecture, resized by vitslim_channels on load

@@ -25,8 +25,8 @@ from vitslim.measure.macs import analytic_macs
 from vitslim.methods.atme import (block_macs, check_schedule, default_schedule, format_schedule, parse_schedule,
                                   schedule_family, token_counts)
 from vitslim.methods.base import Method, MethodOptions, Reducer, check_rate, register
-from vitslim.methods.cdcp import (channel_blocks, check_channel_model, prepare_calibration, resolve_importance,
-                                  taylor_field)
+from vitslim.methods.cdcp import (COMPENSATED, calibrated_field, channel_blocks, check_channel_model,
+                                  prepare_calibration, resolve_importance)
 
 DEFAULT_TOKEN_SHARE = 0.75
 
@@ -59,11 +59,13 @@ class CAITOptions(MethodOptions):
     keep_rate: float = dataclasses.field(default=0.7, metadata={
         "help": "CDCP kept fraction of the blocks' channel MACs", "source": "ours (docs/methods/cdcp.md)"})
     importance: str = dataclasses.field(default="magnitude", metadata={
-        "help": "'magnitude' (data-free) or 'taylor' (pass calibration=DATA)", "source": "ours"})
+        "help": "'magnitude' (data-free), or with calibration=DATA 'taylor' (its default), 'activation' or "
+                "'fluctuation' (with mean compensation: the training-free choice)",
+        "source": "ours"})
     token_share: float = dataclasses.field(default=DEFAULT_TOKEN_SHARE, metadata={
         "help": "macs=f gives tokens about f**token_share and channels the rest (0: channels only, 1: tokens only)",
         "source": "ours: on our CPU halving tokens gave a larger measured speed-up per MAC than channels"})
-    taylor: Any = taylor_field()
+    calibrated: Any = calibrated_field()
 
     def resolved(self, model: nn.Module) -> "CAITOptions":
         """Validated schedule, rate, importance and share for this model."""
@@ -73,7 +75,7 @@ class CAITOptions(MethodOptions):
         check_schedule(model, pairs)
         return CAITOptions(schedule=format_schedule(pairs), keep_rate=check_rate("keep_rate", self.keep_rate),
                            importance=resolve_importance(self.importance), token_share=check_share(self.token_share),
-                           taylor=self.taylor)
+                           calibrated=self.calibrated)
 
 
 @register
@@ -86,8 +88,9 @@ class CAIT(Method):
 
     def reducers(self) -> dict[int, Reducer]:
         pairs = parse_schedule(self.config.schedule, len(self.model.blocks))
-        return channel_blocks(self.model, self.config.keep_rate, self.config.taylor,
-                              token_counts(self.model, pairs), dict(pairs))
+        return channel_blocks(self.model, self.config.keep_rate, self.config.calibrated,
+                              token_counts(self.model, pairs), dict(pairs),
+                              compensate=self.config.importance in COMPENSATED)
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:

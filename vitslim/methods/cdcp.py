@@ -11,9 +11,12 @@ every head). Everything else is ours (``docs/methods/cdcp.md``):
   m + sigmoid(s) - sigmoid(s).detach() lets gradients reach the scores, so channels can be pruned
   and regrown ("dynamic" = re-selected during training, frozen at export; not input-dependent);
 - scores start from an importance: ``importance="magnitude"`` (data-free default: products of the
-  weight norms that a channel connects) or Taylor importance |sum a * dL/da| over calibration data
-  (``calibration=`` a DataLoader of (images, labels) or a tensor of images; without labels the
-  model's own predictions are the targets), which is also the training-free CDCP;
+  weight norms that a channel connects), or from calibration data (``calibration=`` a DataLoader of
+  (images, labels) or a tensor of images): Taylor importance |sum a * dL/da| (``"taylor"``, the
+  default with data; without labels the model's own predictions are the targets) or the
+  activation-aware ``"activation"`` (in the spirit of Wanda: the norm of each channel's own
+  contribution, weight norm times activation norm), which is what makes training-free CDCP usable
+  on real pretrained weights (``docs/methods/cdcp.md``);
 - per-block counts from a global ranking of per-layer-normalised scores, each channel weighted by
   its MAC cost, so that the blocks' channel MACs meet ``keep_rate`` (the kept fraction);
 - with the training engine's progress hook: the kept fraction ramps from 1 to ``keep_rate`` over
@@ -43,7 +46,8 @@ from vitslim.tokens import TokenState
 
 RAMP_END, FREEZE_AT = 0.3, 0.9  # fractions of training: sparsity ramp, then counts frozen; indices frozen
 SCORE_LR_SCALE = 10.0  # [DESIGN] scores are O(1) while the ST gradients are small: a larger lr lets them swap
-IMPORTANCES = ("magnitude", "taylor")
+IMPORTANCES = ("magnitude", "taylor", "activation", "fluctuation")  # the last three need calibration=
+COMPENSATED = ("fluctuation",)  # importances whose pruned channels are replaced by their calibration mean
 CALIBRATION_BATCHES = 100
 
 
@@ -59,6 +63,8 @@ class ChannelPlan(NamedTuple):
     qkv_index: Tensor | None = None  # kept rows of attn.qkv, (3, H, d') flattened: equal d' for q, k and v
     v_index: Tensor | None = None  # kept input columns of attn.proj, (H, d') flattened
     mlp_index: Tensor | None = None  # kept fc1 rows = fc2 input columns
+    v_fill: Tensor | None = None  # (H*d,) what pruned inputs of attn.proj stand in for (their calibration mean)
+    mlp_fill: Tensor | None = None  # (hidden,) likewise for fc2's pruned inputs
 
 
 class ChannelKernel(BlockKernel):
@@ -84,10 +90,11 @@ class ChannelKernel(BlockKernel):
         return qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
 
     def project(self, attn: nn.Module, x: Tensor) -> Tensor:
-        """The output projection on the kept value channels."""
+        """The output projection on the kept value channels (plus the pruned ones' mean, when compensated)."""
+        bias = filled_bias(attn.proj, self.plan.v_fill)
         if self.plan.v_index is not None:
-            return F.linear(x, attn.proj.weight.index_select(1, self.plan.v_index), attn.proj.bias)
-        return attn.proj(x)
+            return F.linear(x, attn.proj.weight.index_select(1, self.plan.v_index), bias)
+        return attn.proj(x) if self.plan.v_fill is None else F.linear(x, attn.proj.weight, bias)
 
     def mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
         """timm Mlp's forward on the kept hidden channels only (sliced) or with the hidden mask (training)."""
@@ -103,8 +110,17 @@ class ChannelKernel(BlockKernel):
         if mask is not None:
             h = h * mask
         h = mlp.norm(mlp.drop1(h))
-        h = mlp.fc2(h) if idx is None else F.linear(h, mlp.fc2.weight.index_select(1, idx), mlp.fc2.bias)
+        bias = filled_bias(mlp.fc2, self.plan.mlp_fill)
+        h = F.linear(h, mlp.fc2.weight, bias) if idx is None else F.linear(h, mlp.fc2.weight.index_select(1, idx), bias)
         return mlp.drop2(h)
+
+
+def filled_bias(layer: nn.Linear, fill: Tensor | None) -> Tensor | None:
+    """The layer's bias with its pruned inputs held at ``fill`` (zero where kept): bias + W fill."""
+    if fill is None:
+        return layer.bias
+    extra = layer.weight @ fill.to(layer.weight.dtype)
+    return extra if layer.bias is None else layer.bias + extra
 
 
 def channel_step(n: int) -> int:
@@ -160,6 +176,104 @@ def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATIO
             sums[i]["v"] = sums[i]["v"] + g_qkv[2].sum(0).abs()
             sums[i]["mlp"] = sums[i]["mlp"] + grads[2 * i + 1].abs()
     return [{k: v.detach() for k, v in s.items()} for s in sums]
+
+
+def activation_statistics(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
+    """Per block, over calibration images (one forward per batch, no gradients): ``qk``, the sum over images
+    of |q_c|^2 |k_c|^2 (H, d); the token count ``n`` and the per-channel sums ``v_sum``/``v_sq`` of proj's
+    input (H*d) and ``mlp_sum``/``mlp_sq`` of fc2's input (hidden)."""
+    probe = dense_copy(model)
+    sums: list[dict[str, Tensor]] = [{} for _ in probe.blocks]
+
+    def add(i: int, key: str, value: Tensor) -> None:
+        sums[i][key] = sums[i][key] + value if key in sums[i] else value
+
+    def on_qkv(i: int, attn: nn.Module):
+        def hook(_module, _inputs, out: Tensor) -> None:
+            q, k = out.double().unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(2)[:2]  # (B, N, H, d)
+            add(i, "qk", (q.pow(2).sum(1) * k.pow(2).sum(1)).sum(0))  # per image |q_c|^2 |k_c|^2
+        return hook
+
+    def on_input(i: int, key: str):
+        def hook(_module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0].double().flatten(0, -2)
+            add(i, f"{key}_sum", x.sum(0))
+            add(i, f"{key}_sq", x.pow(2).sum(0))
+            add(i, "n", torch.tensor(float(len(x)), dtype=torch.float64))
+        return hook
+
+    handles = []
+    for i, blk in enumerate(probe.blocks):
+        handles += [blk.attn.qkv.register_forward_hook(on_qkv(i, blk.attn)),
+                    blk.attn.proj.register_forward_pre_hook(on_input(i, "v")),
+                    blk.mlp.fc2.register_forward_pre_hook(on_input(i, "mlp"))]
+    try:
+        with torch.no_grad():
+            for images, _ in calibration_batches(data, max_batches):
+                probe(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not sums[0]:
+        raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
+    for s in sums:
+        s["n"] = s["n"] / 2  # counted by both input hooks
+    return sums
+
+
+def _output_scale(layer_scale: nn.Module) -> Tensor | None:
+    """LayerScale's per-channel gamma (it scales every contribution to the residual), or None."""
+    gamma = getattr(layer_scale, "gamma", None)
+    return gamma.detach().double() if isinstance(gamma, Tensor) else None
+
+
+def _column_norms(weight: Tensor, gamma: Tensor | None) -> Tensor:
+    """Norm of each input column of a Linear weight, as it reaches the residual (after LayerScale)."""
+    weight = weight.detach().double()
+    return (weight if gamma is None else gamma[:, None] * weight).norm(dim=0)
+
+
+def _contribution_importance(model: nn.Module, data: Any, max_batches: int, centred: bool) -> list[dict[str, Tensor]]:
+    """Per channel, the norm over the calibration tokens of what it adds to the residual (centred: of how that
+    varies about its mean, with the means as ``v_mean``/``mlp_mean``); query/key channels by |q_c| |k_c|."""
+    out = []
+    for blk, s in zip(model.blocks, activation_statistics(model, data, max_batches)):
+        h, d = blk.attn.num_heads, blk.attn.head_dim
+        scores = {"qk": s["qk"].sqrt().sum(0)}
+        for key, layer, scale in (("v", blk.attn.proj, blk.ls1), ("mlp", blk.mlp.fc2, blk.ls2)):
+            square = s[f"{key}_sq"]
+            if centred:
+                mean = s[f"{key}_sum"] / s["n"]
+                square = (square - s["n"] * mean.pow(2)).clamp_min(0)
+                scores[f"{key}_mean"] = mean.float()
+            scores[key] = _column_norms(layer.weight, _output_scale(scale)) * square.sqrt()
+        scores["v"] = scores["v"].view(h, d).sum(0)  # one mask for every head
+        out.append({k: v.float() for k, v in scores.items()})
+    return out
+
+
+def activation_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
+    """Activation-aware importance: the norm of each channel's contribution over calibration images.
+
+    In the spirit of Wanda (Sun et al., 2023), weight norm times activation norm, taken where the
+    channel acts: an MLP hidden channel j adds ``W2[:, j] h_j`` to the residual, whose norm over the
+    calibration tokens is ``|W2[:, j]| |h_j|``; a value channel likewise through ``proj``; a query/key
+    channel c adds the rank-one ``q_c k_c^T`` to each image's attention logits, whose norm is
+    ``|q_c| |k_c|``. LayerScale's gamma scales the output weights; heads are summed (masks are shared).
+    """
+    return _contribution_importance(model, data, max_batches, centred=False)
+
+
+def fluctuation_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
+    """Fluctuation importance with mean compensation, after FLAP (An et al., AAAI 2024): a value or MLP
+    channel scores by the norm of its contribution's deviation from its calibration mean, and a pruned one
+    is replaced by that mean (``v_mean``/``mlp_mean``, added to proj's / fc2's bias through its weights), so
+    what is lost is only how it varies; query/key channels as in ``activation_importance``."""
+    return _contribution_importance(model, data, max_batches, centred=True)
+
+
+CALIBRATED_IMPORTANCES = {"taylor": taylor_importance, "activation": activation_importance,
+                          "fluctuation": fluctuation_importance}
 
 
 def _normalised(score: Tensor) -> Tensor:
@@ -231,7 +345,7 @@ class ChannelBlock(Reducer):
     """CDCP masks of one block (and, in the joint CAIT method, an ATME merge after its attention)."""
 
     def __init__(self, blk: nn.Module, importance: dict[str, Tensor], counts: tuple[int, int],
-                 tokens: tuple[int, int], merge_axis: str | None = None):
+                 tokens: tuple[int, int], merge_axis: str | None = None, compensate: bool = False):
         super().__init__()
         attn = blk.attn
         self.num_heads, self.head_dim, self.hidden = attn.num_heads, attn.head_dim, blk.mlp.fc1.out_features
@@ -248,6 +362,10 @@ class ChannelBlock(Reducer):
         self.register_buffer("mask_qk", torch.zeros(self.head_dim))
         self.register_buffer("mask_v", torch.zeros(self.head_dim))
         self.register_buffer("mask_mlp", torch.zeros(self.hidden))
+        self.compensate = compensate
+        if compensate:  # pruned value / MLP channels stand in at their calibration mean (zeros until loaded)
+            self.register_buffer("v_mean", importance.get("v_mean", torch.zeros(self.num_heads * self.head_dim)).clone())
+            self.register_buffer("mlp_mean", importance.get("mlp_mean", torch.zeros(self.hidden)).clone())
         self.reselect()
         self.probe: tuple[Tensor, Tensor] | None = None  # calibration: all-ones masks that collect gradients
         self.group: list[ChannelBlock] = []  # set on the first block: every block, for global re-allocation
@@ -294,18 +412,26 @@ class ChannelBlock(Reducer):
             else:
                 m_qk, m_v, m_mlp = self.mask_qk, self.mask_v, self.mask_mlp
             qkv = torch.stack([m_qk, m_qk, m_v])[:, None, :].expand(3, self.num_heads, self.head_dim).reshape(-1)
-            return ChannelPlan(qkv_mask=qkv, mlp_mask=m_mlp)
+            return ChannelPlan(qkv_mask=qkv, mlp_mask=m_mlp, **self.fills(m_v, m_mlp))
         key = self._mask_state()
         if self._eval_plan is None or self._eval_plan[0] != key:
             # built outside inference mode: the indices are saved for backward by an eval pass with gradients
             with torch.inference_mode(False), torch.no_grad():
-                self._eval_plan = (key, self._index_plan())
+                self._eval_plan = (key, self._index_plan()._replace(**self.fills(self.mask_v, self.mask_mlp)))
         return self._eval_plan[1]
+
+    def fills(self, mask_v: Tensor, mask_mlp: Tensor) -> dict[str, Tensor]:
+        """What the pruned value and MLP channels stand in at (their calibration mean; kept ones 0), when compensated."""
+        if not self.compensate:
+            return {}
+        per_head = mask_v[None, :].expand(self.num_heads, self.head_dim).reshape(-1)
+        return {"v_fill": (1 - per_head) * self.v_mean, "mlp_fill": (1 - mask_mlp) * self.mlp_mean}
 
     def _mask_state(self) -> tuple[Any, ...]:
         """What the eval plan depends on: every in-place change (reselect, set_progress, load_state_dict's copy_)
         bumps a buffer's version, and .to() makes new buffers on another device or at another address."""
-        buffers = (self.mask_qk, self.mask_v, self.mask_mlp, self.counts)
+        buffers = (self.mask_qk, self.mask_v, self.mask_mlp, self.counts) + (
+            (self.v_mean, self.mlp_mean) if self.compensate else ())
         return (self.mask_qk.device, *((t._version, t.data_ptr()) for t in buffers))
 
     def _index_plan(self) -> ChannelPlan:
@@ -353,14 +479,16 @@ class ChannelBlock(Reducer):
         return f"head_dim={kh}/{self.head_dim}, hidden={km}/{self.hidden}{axis}"
 
 
-def channel_blocks(model: nn.Module, keep_rate: float, taylor: list[dict[str, Tensor]] | None,
-                   tokens: list[tuple[int, int]], merges: dict[int, str] | None = None) -> dict[int, Reducer]:
-    """One ChannelBlock per block (scores from ``taylor`` or weight magnitudes), counts allocated for ``keep_rate``."""
+def channel_blocks(model: nn.Module, keep_rate: float, calibrated: list[dict[str, Tensor]] | None,
+                   tokens: list[tuple[int, int]], merges: dict[int, str] | None = None,
+                   compensate: bool = False) -> dict[int, Reducer]:
+    """One ChannelBlock per block (scores from ``calibrated`` or weight magnitudes), counts allocated for ``keep_rate``;
+    with ``compensate`` pruned value/MLP channels stand in at their calibration means."""
     merges = merges or {}
-    # without Taylor values (also a restored checkpoint: its scores, counts and masks come from the state dict)
-    imp = taylor if taylor is not None else magnitude_importance(model)
-    blocks = [ChannelBlock(blk, imp[i], (blk.attn.head_dim, blk.mlp.fc1.out_features), tokens[i], merges.get(i))
-              for i, blk in enumerate(model.blocks)]
+    # without calibrated values (also a restored checkpoint: its scores, counts and masks come from the state dict)
+    imp = calibrated if calibrated is not None else magnitude_importance(model)
+    blocks = [ChannelBlock(blk, imp[i], (blk.attn.head_dim, blk.mlp.fc1.out_features), tokens[i], merges.get(i),
+                           compensate) for i, blk in enumerate(model.blocks)]
     counts = allocate(blocks, keep_rate)
     for r, c in zip(blocks, counts):
         r.counts.copy_(torch.tensor(c))
@@ -371,29 +499,36 @@ def channel_blocks(model: nn.Module, keep_rate: float, taylor: list[dict[str, Te
 
 
 def resolve_importance(importance: Any) -> str:
-    """'magnitude' or 'taylor'."""
+    """'magnitude', 'taylor' or 'activation'."""
     if importance not in IMPORTANCES:
-        raise VitslimError(f"importance={importance!r}: use 'magnitude' (data-free) or pass calibration=DATA "
-                           f"for 'taylor'")
+        raise VitslimError(f"importance={importance!r}: use 'magnitude' (data-free), or pass calibration=DATA "
+                           f"with 'taylor' or 'activation'")
     return importance
 
 
 def prepare_calibration(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``calibration=`` (and ``calibration_batches=``) -> Taylor importance values in the options (``taylor``)."""
+    """``calibration=`` (and ``calibration_batches=``) -> importance values in the options (``calibrated``).
+
+    The importance is ``options["importance"]``: 'taylor' (the default with data) or 'activation'.
+    """
     data = options.pop("calibration", None)
     batches = options.pop("calibration_batches", CALIBRATION_BATCHES)
     if data is None:
         return options
+    importance = options.get("importance") or "taylor"
+    if importance not in CALIBRATED_IMPORTANCES:
+        raise VitslimError(f"importance={importance!r} is data-free: drop calibration=, or use importance="
+                           f"'taylor' or 'activation' with it")
     check_channel_model(model)
-    options["taylor"] = taylor_importance(model, data, int(batches))
-    options["importance"] = "taylor"
+    options["calibrated"] = CALIBRATED_IMPORTANCES[importance](model, data, int(batches))
+    options["importance"] = importance
     return options
 
 
-def taylor_field() -> Any:
-    """The ``taylor`` option: calibration values, used to start the scores, not recorded with the options."""
+def calibrated_field() -> Any:
+    """The ``calibrated`` option: importance from calibration data, used to start the scores, not recorded."""
     return dataclasses.field(default=None, repr=False, metadata={
-        "internal": True, "help": "per-block Taylor importance from calibration= (set by prepare)"})
+        "internal": True, "help": "per-block importance from calibration= (set by prepare)"})
 
 
 @dataclasses.dataclass
@@ -404,15 +539,17 @@ class CDCPOptions(MethodOptions):
         "help": "kept fraction of the blocks' channel MACs",
         "source": "ours (CAIT's abstract gives no rate); 0.7 matches the token methods' defaults"})
     importance: str = dataclasses.field(default="magnitude", metadata={
-        "help": "'magnitude' (data-free) or 'taylor' (pass calibration=DATA)",
-        "source": "ours (docs/methods/cdcp.md)"})
-    taylor: Any = taylor_field()
+        "help": "'magnitude' (data-free), or with calibration=DATA 'taylor' (its default), 'activation' or "
+                "'fluctuation' (with mean compensation: the training-free choice)",
+        "source": "ours (docs/methods/cdcp.md); 'activation' after Wanda (Sun et al., 2023), 'fluctuation' after "
+                  "FLAP (An et al., 2024)"})
+    calibrated: Any = calibrated_field()
 
     def resolved(self, model: nn.Module) -> "CDCPOptions":
         """Validated rate and importance; the model must be channel-prunable."""
         check_channel_model(model)
         return CDCPOptions(keep_rate=check_rate("keep_rate", self.keep_rate),
-                           importance=resolve_importance(self.importance), taylor=self.taylor)
+                           importance=resolve_importance(self.importance), calibrated=self.calibrated)
 
 
 @register
@@ -425,7 +562,8 @@ class CDCP(KeepRateLevels, Method):
     def reducers(self) -> dict[int, Reducer]:
         n = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
         tokens = [(n, n)] * len(self.model.blocks)
-        return channel_blocks(self.model, self.config.keep_rate, self.config.taylor, tokens)
+        return channel_blocks(self.model, self.config.keep_rate, self.config.calibrated, tokens,
+                              compensate=self.config.importance in COMPENSATED)
 
     @classmethod
     def prepare(cls, model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
