@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitslim.budget import OutOfReach
 from vitslim.data import balanced_subset, build_dataset
 from vitslim.errors import VitslimError
 from vitslim.export.files import save
@@ -137,6 +138,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         return None if time_budget is None else time_budget - (time.monotonic() - started)
 
     built: dict[str, nn.Module] = {}
+    prepared_options: dict[str, dict[str, Any]] = {}
     bar = tqdm(todo, desc="auto: patching to the target", disable=not progress, leave=False)
     for cand in bar:
         bar.set_postfix_str(cand.name)
@@ -147,6 +149,8 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             prepared = _prepare(dense, cand, calibration_loader)
         except VitslimError as exc:
             entry = {"method": cand.method, "asked": cand.options, "error": str(exc)}
+        else:
+            prepared_options[cand.name] = prepared
         if entry is None:
             entry = _measure(dense, cand, prepared, target, dense_macs, runs)
         if cand.name not in record["candidates"]:
@@ -155,7 +159,9 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         if "error" not in entry:
             built[cand.name] = _rebuild(dense, cand.method, {**prepared, **entry["options"]})
     if not built:
-        raise VitslimError(_unreachable(target, record["candidates"]))
+        raise VitslimError(_unreachable(target, record["candidates"],
+                                        _strongest_found(dense, target, todo, prepared_options,
+                                                         record["candidates"], held_out, batch_size, threads)))
 
     alive, scored = list(built), None
     for rung in range(RUNGS):
@@ -257,6 +263,9 @@ def _measure(dense: nn.Module, cand: Candidate, options: dict[str, Any], target:
             record = fit_speedup(model, target["speedup"], cand.method, batch_size=target["batch_size"],
                                  threads=target["threads"], runs=runs, **options)
             measured["speedup"] = record["speedup"]
+    except OutOfReach as exc:  # the strongest setting's cost, in the target's units (speed-ups, not 1/speed-up)
+        strongest = 1.0 / exc.strongest if "speedup" in target else exc.strongest
+        return {"method": cand.method, "asked": cand.options, "error": str(exc), "strongest": strongest}
     except VitslimError as exc:
         return {"method": cand.method, "asked": cand.options, "error": str(exc)}
     entry = {"method": cand.method, "asked": cand.options, "options": model.vitslim_config["options"],
@@ -284,12 +293,34 @@ def _cost(entry: dict[str, Any]) -> float:
     return 1.0 / entry["speedup"] if "speedup" in entry else entry["macs_ratio"]
 
 
-def _unreachable(target: dict[str, Any], entries: dict[str, dict]) -> str:
-    """One line: the target, and what each method could reach instead."""
+def _strongest_found(dense: nn.Module, target: dict[str, Any], todo: list[Candidate],
+                     prepared: dict[str, dict[str, Any]], entries: dict[str, dict],
+                     held_out: torch.utils.data.Dataset, batch_size: int, threads: int) -> str | None:
+    """When no candidate meets the target: the one whose strongest setting comes closest, and what that
+    setting costs in held-out top-1 against the dense model (None when no candidate got that far)."""
+    reached = [c for c in todo if "strongest" in entries.get(c.name, {}) and c.name in prepared]
+    if not reached:
+        return None
+    speedup = "speedup" in target
+    closest = (max if speedup else min)(reached, key=lambda c: entries[c.name]["strongest"])
+    method_cls = get_method(closest.method)
+    options = prepared[closest.name]
+    model = _rebuild(dense, closest.method, method_cls.options_for_level(
+        dense, method_cls.max_level(dense, **options), **options))
+    top1, dense_top1 = (_top1(m, held_out, batch_size, threads) for m in (model, dense))
+    cost = entries[closest.name]["strongest"]
+    cost_text = (f"{cost:.2f}x" if speedup else f"{cost:.1f} ms" if "latency_ms" in target
+                 else f"{cost:.3f} of the dense MACs")
+    return (f"the closest is {closest.name} at its strongest setting ({cost_text}), with {top1:.2%} "
+            f"held-out top-1 against the dense model's {dense_top1:.2%}")
+
+
+def _unreachable(target: dict[str, Any], entries: dict[str, dict], closest: str | None = None) -> str:
+    """One line: the target, the setting that comes closest and its accuracy, and what each method reaches."""
     key = next(k for k in ("macs", "latency_ms", "speedup") if k in target)
     what = f"{key}={target[key]}"
     reasons = "; ".join(f"{name}: {entry['error']}" for name, entry in entries.items())
-    return f"no setting meets {what} on this machine ({reasons})"
+    return f"no setting meets {what} on this machine{'; ' + closest if closest else ''} ({reasons})"
 
 
 def _markdown(result: dict[str, Any]) -> str:
