@@ -109,6 +109,17 @@ def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeyp
     assert result["chosen"] in record["candidates"]
 
 
+def test_a_time_budget_bounds_the_patching_and_a_rerun_measures_the_rest(tmp_path):
+    methods = ["tome", "topk", "evit"]
+    first = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, time_budget=1e-3, **FAST)
+    assert list(first["candidates"]) == ["tome"] and first["chosen"] == "tome"
+    assert first["not_measured"] == ["evit", "evit early", "topk", "topk early"]
+    assert "Not measured (time budget spent): evit" in (tmp_path / "auto.md").read_text()
+    second = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
+    assert len(second["candidates"]) == 5 and not second["not_measured"]
+    assert second["seconds"] > first["seconds"]  # the time of the first run counts in the resumed search
+
+
 def test_a_record_of_another_search_is_refused(searched):
     out, _ = searched
     with pytest.raises(vitslim.VitslimError, match="records another search"):

@@ -130,20 +130,28 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
                           if len(calibration_images) else None)
     record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out),
                                 "calibration": len(calibration_images), "report_split": report_split})
-    started = time.monotonic()
+    started = time.monotonic() - record.get("seconds", 0.0)  # a resumed search counts the time spent before
     todo = candidates(dense, methods)
     dense_macs = count_macs(dense)
 
     def budget_left() -> float | None:
         return None if time_budget is None else time_budget - (time.monotonic() - started)
 
+    def save_record() -> None:
+        record["seconds"] = round(time.monotonic() - started, 1)
+        _write_record(out, record)
+
     built: dict[str, nn.Module] = {}
     prepared_options: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
     bar = tqdm(todo, desc="auto: patching to the target", disable=not progress, leave=False)
     for cand in bar:
-        bar.set_postfix_str(cand.name)
+        bar.set_postfix_str(cand.name if budget_left() is None else f"{cand.name}, {max(0.0, budget_left()):.0f} s left")
         entry = record["candidates"].get(cand.name)
-        if entry is not None and "error" in entry:
+        if entry is None and built and budget_left() is not None and budget_left() <= 0:
+            skipped.append(cand.name)  # out of time: rank what was patched so far (a rerun measures the rest)
+            continue
+        if entry is not None and "error" in entry and "strongest" not in entry:
             continue
         try:  # once per candidate: its calibration pass, or a data-free method's own preparation
             prepared = _prepare(dense, cand, calibration_loader)
@@ -155,7 +163,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             entry = _measure(dense, cand, prepared, target, dense_macs, runs)
         if cand.name not in record["candidates"]:
             record["candidates"][cand.name] = entry
-            _write_record(out, record)
+            save_record()
         if "error" not in entry:
             built[cand.name] = _rebuild(dense, cand.method, {**prepared, **entry["options"]})
     if not built:
@@ -175,7 +183,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             scores = record["candidates"][name].setdefault("holdout_top1", {})
             if str(n) not in scores:
                 scores[str(n)] = _top1(built[name], torch.utils.data.Subset(held_out, range(n)), batch_size, threads)
-                _write_record(out, record)
+                save_record()
         scored = str(n)
         if rung < RUNGS - 1:  # the better half goes on to twice the images
             alive = sorted(alive, key=lambda c: (-record["candidates"][c]["holdout_top1"][scored],
@@ -195,7 +203,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         "chosen": best, "method": record["candidates"][best]["method"], "options": record["candidates"][best]["options"],
         "macs_ratio": record["candidates"][best]["macs_ratio"], "top1": final["top1"], "top5": final["top5"],
         "dense_top1": dense_final["top1"], "seconds": round(time.monotonic() - started, 1),
-        "candidates": record["candidates"],
+        "candidates": record["candidates"], "not_measured": skipped,
     }
     atomic_write(out / "auto.json", json.dumps(result, indent=2) + "\n")
     atomic_write(out / "auto.md", _markdown(result))
@@ -335,6 +343,8 @@ def _markdown(result: dict[str, Any]) -> str:
               "train split (successive halving).", "",
               "| candidate | method | MACs ratio | batch-1 ms | speed-up | held-out top-1 (images) | note |",
               "|---|---|---|---|---|---|---|"]
+    if result["not_measured"]:  # the time budget ran out before these were patched
+        lines[-2:-2] = [f"Not measured (time budget spent): {', '.join(result['not_measured'])}.", ""]
     for name, entry in result["candidates"].items():
         scores = entry.get("holdout_top1", {})
         last = max(scores, key=int) if scores else None
