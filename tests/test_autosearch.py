@@ -37,6 +37,9 @@ def test_meets_the_macs_target_and_its_recorded_accuracy_is_a_re_evaluation(sear
     scored = [set(c.get("holdout_top1", {})) for c in result["candidates"].values() if "error" not in c]
     assert all("12" in s for s in scored) and sum("48" in s for s in scored) < len(scored)
     assert "48" in result["candidates"][result["chosen"]]["holdout_top1"]
+    # ranked by fidelity: the chosen one is the closest to the dense model's predictions on all 48 images
+    finalists = {n: c["holdout_kl"]["48"] for n, c in result["candidates"].items() if "48" in c.get("holdout_kl", {})}
+    assert min(finalists.values()) == finalists[result["chosen"]] >= 0
 
 
 def test_held_out_images_come_from_the_train_split_and_never_from_the_reported_one(searched):
@@ -80,7 +83,7 @@ def test_an_unreachable_latency_target_is_one_line_and_exit_code_2(tmp_path, cap
 
 
 def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeypatch):
-    measure, top1 = autosearch._measure, autosearch._top1
+    measure, top1 = autosearch._measure, autosearch._score
     calls = {"measure": 0, "top1": 0}
 
     def counted_measure(*args, **kwargs):
@@ -94,7 +97,7 @@ def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeyp
         return top1(*args, **kwargs)
 
     monkeypatch.setattr(autosearch, "_measure", counted_measure)
-    monkeypatch.setattr(autosearch, "_top1", interrupted_top1)
+    monkeypatch.setattr(autosearch, "_score", interrupted_top1)
     methods = ["tome", "topk", "evit"]
     with pytest.raises(KeyboardInterrupt):
         vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
@@ -102,7 +105,7 @@ def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeyp
     assert len(record["candidates"]) == 5 and calls["measure"] == 5  # tome, evit x2, topk x2: all patched
     assert sum("holdout_top1" in c for c in record["candidates"].values()) == 2
     calls.update(measure=0, top1=0)
-    monkeypatch.setattr(autosearch, "_top1", lambda *a, **k: (calls.__setitem__("top1", calls["top1"] + 1), top1(*a, **k))[1])
+    monkeypatch.setattr(autosearch, "_score", lambda *a, **k: (calls.__setitem__("top1", calls["top1"] + 1), top1(*a, **k))[1])
     result = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
     assert calls["measure"] == 0  # every candidate's budget came from the record
     assert calls["top1"] == 3 + 3 + 2  # rung 1: the three not yet scored; rung 2: 3 of 5; rung 3: 2 of 3
