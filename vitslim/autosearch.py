@@ -298,7 +298,7 @@ def _rebuild(dense: nn.Module, method: str, options: dict[str, Any]) -> nn.Modul
 
 def _logits(model: nn.Module, images: torch.utils.data.Dataset, batch_size: int,
             threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and the labels of ``images`` (eval mode, ``threads`` torch threads)."""
+    """The logits of ``model`` (as it is: the search builds its models in eval mode) and the labels of ``images``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     logits, labels = [], []
