@@ -129,7 +129,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         target = {"speedup": speedup, "batch_size": speed_batch, "threads": threads}
     dense = unpatch(copy.deepcopy(model)).eval()
     held_out, calibration_images = _train_images(dense, data, holdout, calibration)
-    dense_logits = _logits(dense, held_out, batch_size, threads)[0]
+    dense_logits, held_out_labels = _logits(dense, held_out, batch_size, threads)
     calibration_loader = (torch.utils.data.DataLoader(calibration_images, batch_size=32)
                           if len(calibration_images) else None)
     record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out),
@@ -172,8 +172,9 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             built[cand.name] = _rebuild(dense, cand.method, {**prepared, **entry["options"]})
     if not built:
         raise VitslimError(_unreachable(target, record["candidates"],
-                                        _strongest_found(dense, target, todo, prepared_options,
-                                                         record["candidates"], held_out, batch_size, threads)))
+                                        _strongest_found(dense, target, todo, prepared_options, record["candidates"],
+                                                         held_out, dense_logits, held_out_labels, batch_size,
+                                                         threads)))
 
     alive, scored = list(built), None
     for rung in range(RUNGS):
@@ -324,11 +325,6 @@ def _score(model: nn.Module, images: torch.utils.data.Dataset, dense_logits: tor
     return (logits.argmax(1) == labels).float().mean().item(), kl.item()
 
 
-def _top1(model: nn.Module, images: torch.utils.data.Dataset, batch_size: int, threads: int) -> float:
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
-    return evaluate(model, loader, progress=False, threads=threads)["top1"]
-
-
 def _cost(entry: dict[str, Any]) -> float:
     """What the target measures, lower is better: latency, 1 / speed-up, or MACs."""
     if "latency_ms" in entry:
@@ -338,7 +334,8 @@ def _cost(entry: dict[str, Any]) -> float:
 
 def _strongest_found(dense: nn.Module, target: dict[str, Any], todo: list[Candidate],
                      prepared: dict[str, dict[str, Any]], entries: dict[str, dict],
-                     held_out: torch.utils.data.Dataset, batch_size: int, threads: int) -> str | None:
+                     held_out: torch.utils.data.Dataset, dense_logits: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int, threads: int) -> str | None:
     """When no candidate meets the target: the one whose strongest setting comes closest, and what that
     setting costs in held-out top-1 against the dense model (None when no candidate got that far)."""
     reached = [c for c in todo if "strongest" in entries.get(c.name, {}) and c.name in prepared]
@@ -350,7 +347,8 @@ def _strongest_found(dense: nn.Module, target: dict[str, Any], todo: list[Candid
     options = prepared[closest.name]
     model = _rebuild(dense, closest.method, method_cls.options_for_level(
         dense, method_cls.max_level(dense, **options), **options))
-    top1, dense_top1 = (_top1(m, held_out, batch_size, threads) for m in (model, dense))
+    top1 = _score(model, held_out, dense_logits, batch_size, threads)[0]
+    dense_top1 = (dense_logits.argmax(1) == labels).float().mean().item()  # its logits are already computed
     cost = entries[closest.name]["strongest"]
     cost_text = (f"{cost:.2f}x" if speedup else f"{cost:.1f} ms" if "latency_ms" in target
                  else f"{cost:.3f} of the dense MACs")

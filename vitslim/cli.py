@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="other train-split images the calibrated candidates score channels/tokens on "
                            "(default 256; 0: search only data-free settings)")
     auto.add_argument("--methods", help="comma-separated methods to search (default: every training-free one)")
-    auto.add_argument("--time-budget", type=float, help="seconds: stop the successive halving when they are spent")
+    auto.add_argument("--time-budget", type=float, help="seconds: when they are spent, patch no further candidate "
+                                                        "and stop the successive halving")
     auto.add_argument("--eval-batch-size", type=int, default=64)
     auto.add_argument("--out", required=True, help="folder: model.safetensors, auto.md/json/png, the search record")
     auto.add_argument("--no-progress", action="store_true")

@@ -15,8 +15,9 @@ every head). Everything else is ours (``docs/methods/cdcp.md``):
   (images, labels) or a tensor of images): Taylor importance |sum a * dL/da| (``"taylor"``, the
   default with data; without labels the model's own predictions are the targets) or the
   activation-aware ``"activation"`` (in the spirit of Wanda: the norm of each channel's own
-  contribution, weight norm times activation norm), which is what makes training-free CDCP usable
-  on real pretrained weights (``docs/methods/cdcp.md``);
+  contribution, weight norm times activation norm) or ``"fluctuation"`` (after FLAP: the same on the
+  deviation from the calibration mean, and pruned value/MLP channels held at that mean), which is
+  what makes training-free CDCP usable on real pretrained weights (``docs/methods/cdcp.md``);
 - per-block counts from a global ranking of per-layer-normalised scores, each channel weighted by
   its MAC cost, so that the blocks' channel MACs meet ``keep_rate`` (the kept fraction);
 - with the training engine's progress hook: the kept fraction ramps from 1 to ``keep_rate`` over
@@ -180,8 +181,8 @@ def taylor_importance(model: nn.Module, data: Any, max_batches: int = CALIBRATIO
 
 def activation_statistics(model: nn.Module, data: Any, max_batches: int = CALIBRATION_BATCHES) -> list[dict[str, Tensor]]:
     """Per block, over calibration images (one forward per batch, no gradients): ``qk``, the sum over images
-    of |q_c|^2 |k_c|^2 (H, d); the token count ``n`` and the per-channel sums ``v_sum``/``v_sq`` of proj's
-    input (H*d) and ``mlp_sum``/``mlp_sq`` of fc2's input (hidden)."""
+    of |q_c|^2 |k_c|^2 (H, d); the token counts ``v_n``/``mlp_n`` and the per-channel sums ``v_sum``/``v_sq``
+    of proj's input (H*d) and ``mlp_sum``/``mlp_sq`` of fc2's input (hidden)."""
     probe = dense_copy(model)
     sums: list[dict[str, Tensor]] = [{} for _ in probe.blocks]
 
@@ -199,7 +200,7 @@ def activation_statistics(model: nn.Module, data: Any, max_batches: int = CALIBR
             x = inputs[0].double().flatten(0, -2)
             add(i, f"{key}_sum", x.sum(0))
             add(i, f"{key}_sq", x.pow(2).sum(0))
-            add(i, "n", torch.tensor(float(len(x)), dtype=torch.float64))
+            add(i, f"{key}_n", torch.tensor(float(len(x)), dtype=torch.float64))
         return hook
 
     handles = []
@@ -216,8 +217,6 @@ def activation_statistics(model: nn.Module, data: Any, max_batches: int = CALIBR
             handle.remove()
     if not sums[0]:
         raise VitslimError("calibration= gave no batches: pass a DataLoader of (images, labels) or an image tensor")
-    for s in sums:
-        s["n"] = s["n"] / 2  # counted by both input hooks
     return sums
 
 
@@ -243,8 +242,8 @@ def _contribution_importance(model: nn.Module, data: Any, max_batches: int, cent
         for key, layer, scale in (("v", blk.attn.proj, blk.ls1), ("mlp", blk.mlp.fc2, blk.ls2)):
             square = s[f"{key}_sq"]
             if centred:
-                mean = s[f"{key}_sum"] / s["n"]
-                square = (square - s["n"] * mean.pow(2)).clamp_min(0)
+                mean = s[f"{key}_sum"] / s[f"{key}_n"]
+                square = (square - s[f"{key}_n"] * mean.pow(2)).clamp_min(0)
                 scores[f"{key}_mean"] = mean.float()
             scores[key] = _column_norms(layer.weight, _output_scale(scale)) * square.sqrt()
         scores["v"] = scores["v"].view(h, d).sum(0)  # one mask for every head
@@ -499,17 +498,17 @@ def channel_blocks(model: nn.Module, keep_rate: float, calibrated: list[dict[str
 
 
 def resolve_importance(importance: Any) -> str:
-    """'magnitude', 'taylor' or 'activation'."""
+    """One of IMPORTANCES."""
     if importance not in IMPORTANCES:
         raise VitslimError(f"importance={importance!r}: use 'magnitude' (data-free), or pass calibration=DATA "
-                           f"with 'taylor' or 'activation'")
+                           f"with {_calibrated_names()}")
     return importance
 
 
 def prepare_calibration(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
     """``calibration=`` (and ``calibration_batches=``) -> importance values in the options (``calibrated``).
 
-    The importance is ``options["importance"]``: 'taylor' (the default with data) or 'activation'.
+    The importance is ``options["importance"]``: one of CALIBRATED_IMPORTANCES ('taylor' by default).
     """
     data = options.pop("calibration", None)
     batches = options.pop("calibration_batches", CALIBRATION_BATCHES)
@@ -518,11 +517,15 @@ def prepare_calibration(model: nn.Module, options: dict[str, Any]) -> dict[str, 
     importance = options.get("importance") or "taylor"
     if importance not in CALIBRATED_IMPORTANCES:
         raise VitslimError(f"importance={importance!r} is data-free: drop calibration=, or use importance="
-                           f"'taylor' or 'activation' with it")
+                           f"{_calibrated_names()} with it")
     check_channel_model(model)
     options["calibrated"] = CALIBRATED_IMPORTANCES[importance](model, data, int(batches))
     options["importance"] = importance
     return options
+
+
+def _calibrated_names() -> str:
+    return ", ".join(f"'{name}'" for name in CALIBRATED_IMPORTANCES)
 
 
 def calibrated_field() -> Any:
