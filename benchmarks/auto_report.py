@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             row.update(met=True, chosen=found["chosen"], options=found["options"], macs_ratio=found["macs_ratio"],
                        speedup=chosen.get("speedup"), top1=found["top1"], dense_top1=found["dense_top1"],
                        report_images=found["report_images"], holdout_images=found["holdout_images"],
-                       seconds=found["seconds"], command=found["command"])
+                       seconds=found["seconds"], command=found["command"],
+                       candidates=found["candidates"])  # every candidate's cost, held-out KL and top-1
         rows.append(row)
     command = args.command or "python " + " ".join(shlex.quote(a) for a in ["benchmarks/auto_report.py",
                                                                               *(argv or sys.argv[1:])])
