@@ -8,6 +8,7 @@ import torch
 
 import vitslim
 from vitslim import autosearch, export
+from vitslim.autosearch_tasks import SearchTask
 from vitslim.cli import main
 from vitslim.data import build_dataset, digits_split
 from vitslim.measure import evaluate
@@ -56,7 +57,7 @@ def test_held_out_images_come_from_the_train_split_and_never_from_the_reported_o
 def test_a_calibrated_candidate_is_rebuilt_with_its_calibration():
     """The search ranks and saves the model the calibration pass made, not a data-free rebuild of its options."""
     dense = load_model("default")
-    _, calibration = autosearch._train_images(dense, "digits", 48, 64)
+    _, calibration = autosearch._train_images(SearchTask(dense), "digits", 48, 64)
     loader = torch.utils.data.DataLoader(calibration, batch_size=32)
     cand = next(c for c in autosearch.candidates(dense) if c.name == "cdcp fluctuation")
     prepared = autosearch._prepare(dense, cand, loader)
@@ -141,8 +142,72 @@ def test_an_unreachable_speedup_is_said_in_speed_ups(tmp_path, capsys):
 
 def test_held_out_images_are_seen_as_at_evaluation_not_augmented():
     """The train split's images, but through the evaluation transform: the same tensors every time."""
-    held, calibration = autosearch._train_images(load_model("default"), "digits", 16, 16)
+    held, calibration = autosearch._train_images(SearchTask(load_model("default")), "digits", 16, 16)
     assert all(torch.equal(held[i][0], held[i][0]) and torch.equal(calibration[i][0], calibration[i][0])
                for i in range(16))
     with pytest.raises(vitslim.VitslimError, match="report on another split"):
         vitslim.auto(load_model("default"), "digits", "unused", macs=0.6, report_split="train")
+
+
+def test_segmentation_search_runs_methods_under_the_trained_head_and_reports_miou(tmp_path, capsys):
+    """--task segment: the backbone is patched to the target under the checkpoint's head, ranked by the KL of its
+    per-patch predictions, and the saved checkpoint's mIoU on the reported split is the recorded one."""
+    from test_segment_train import _folder, _model_folder
+
+    from vitslim.dense import evaluate_segmentation
+    from vitslim.dense.data import segmentation_split
+    from vitslim.train.segmentation import load_segmentation
+
+    data, backbone = _folder(tmp_path / "data"), _model_folder(tmp_path / "backbone")
+    head = tmp_path / "head"
+    assert main(["segment", "train", "--model", backbone, "--data", data, "--size", "32,32", "--num-classes", "3",
+                 "--val-split", "test", "--freeze-backbone", "--epochs", "2", "--batch-size", "4", "--lr", "3e-3",
+                 "--out", str(head), "--no-progress"]) == 0
+    out = tmp_path / "auto"
+    assert main(["auto", "--task", "segment", "--model", str(head / "last.pt"), "--data", data, "--macs", "0.6",
+                 "--methods", "tome,topk", "--holdout", "8", "--calibration", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    result = json.loads((out / "auto.json").read_text())
+    assert result["task"] == "segment" and result["files"] == ["model.pt"] and abs(result["macs_ratio"] - 0.6) <= 0.012
+    assert all("holdout_miou" in c and "holdout_top1" not in c for c in result["candidates"].values() if "error" not in c)
+    chosen = load_segmentation(out / "model.pt")
+    assert chosen.backbone.vitslim_config["method"] == result["method"]
+    dense = load_segmentation(head / "last.pt")
+    torch.testing.assert_close(chosen.head.state_dict(), dense.head.state_dict())  # the trained head, unchanged
+    test = segmentation_split(data, "test", chosen.backbone, (32, 32), train=False, num_classes=3)
+    scores = evaluate_segmentation(chosen, torch.utils.data.DataLoader(test, batch_size=1), 3)
+    assert scores["miou"] == result["miou"] and result["report_images"] == 8
+    # a classification model is refused for --task segment, a segmentation one for classify
+    assert main(["auto", "--task", "segment", "--data", data, "--macs", "0.6", "--out", str(tmp_path / "x")]) == 2
+    assert "give --model: a `vitslim segment train` checkpoint" in capsys.readouterr().err
+    with pytest.raises(vitslim.VitslimError, match="task='segment'"):
+        vitslim.auto(dense, data, tmp_path / "y", macs=0.6, task="classify")
+
+
+def test_bf16_search_scores_and_saves_the_bf16_model(tmp_path):
+    """--precision bf16: the ranking and the recorded top-1 are the bf16 model's, and the file holds bf16 weights."""
+    from vitslim.export import runtime
+
+    result = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=["tome"], precision="bf16",
+                          **FAST)
+    assert result["precision"] == "bf16" and export.read_metadata(tmp_path / "model.safetensors")["dtype"] == "bf16"
+    saved = runtime(export.load(tmp_path / "model.safetensors"), "eager", "bf16")
+    # the wrapper's data config is its model's (it was ImageNet's normalisation before)
+    loader = torch.utils.data.DataLoader(build_dataset("digits", "test", model=saved, limit=120), batch_size=64)
+    assert evaluate(saved, loader, progress=False)["top1"] == result["top1"]
+    assert "timed and scored with eager at bf16" in (tmp_path / "auto.md").read_text()
+    with pytest.raises(vitslim.VitslimError, match="int8 .* runs eager only"):
+        vitslim.auto(load_model("default"), "digits", tmp_path / "z", macs=0.6, backend="compile", precision="int8")
+
+
+def test_an_onnxruntime_latency_search_times_the_onnx_graph_and_writes_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vitslim.export import onnx_metadata
+
+    result = vitslim.auto(load_model("default"), "digits", tmp_path, latency_ms=1000.0, methods=["tome"],
+                          backend="onnxruntime", **FAST)
+    entry = result["candidates"]["tome"]
+    assert result["backend"] == "onnxruntime" and 0 < entry["latency_ms"] < 1000
+    assert result["files"] == ["model.safetensors", "model.onnx"]
+    assert onnx_metadata(tmp_path / "model.onnx")["method"] == "tome"

@@ -25,6 +25,7 @@ LAYERS = [
     ["vitslim.train.*"],
     ["vitslim.zoo"],
     ["vitslim.export", "vitslim.export.*"],
+    ["vitslim.autosearch_tasks"],
     ["vitslim.autosearch"],
     ["vitslim.cli_common"],
     ["vitslim.cli_segment"],

@@ -4,23 +4,28 @@ Every candidate (a method with a budget knob and one setting of its main options
 is patched to the target, as measured here: ``macs=`` (the one budget search, within 2%), the
 mildest level whose batch-1 latency here meets ``latency_ms`` (``vitslim.measure.fit_latency``), or
 the mildest whose throughput at ``batch_size`` is ``speedup`` times the dense model's
-(``vitslim.measure.fit_speedup``).
+(``vitslim.measure.fit_speedup``). Latency and speed-up are timed on the deployable form run by
+``backend`` at ``precision`` (``vitslim.export.runtime``), and the candidates are scored at that
+precision, so the target and the ranking are the deployed model's.
 The candidates are then ranked on held-out images taken from the data's *train* split (never the
 split the result is reported on) by their fidelity to the dense model, the mean KL divergence of
-their predictions from the dense model's (top-1 is recorded beside it: on a few hundred images it
-cannot separate near-lossless settings), by successive halving: all of them on the first quarter
-of the held-out images, the better half on the first half, the best of those on all of them;
-``time_budget`` stops the search early (the best on the images scored so far wins).
+their predictions from the dense model's (the task's metric, top-1 or mIoU, is recorded beside it:
+on a few hundred images it cannot separate near-lossless settings), by successive halving: all of
+them on the first quarter of the held-out images, the better half on the first half, the best of
+those on all of them; ``time_budget`` stops the search early (the best on the images scored so far
+wins). What differs per task (classification, or segmentation under a trained head) is in
+``vitslim.autosearch_tasks``.
 Methods that learn their reduction (SiT, SPViT) need fine-tuning and are not searched. Candidates that
 score on data (Prune-and-Merge's calibration pass; CDCP/CAIT with ``importance="fluctuation"``) use
 ``calibration`` other train-split images, once per candidate.
 
 Every measurement is written to ``OUT/auto_record.json`` as soon as it is made, so an interrupted
-search resumes without measuring anything twice. The winner is written with
-``vitslim.export.save`` (``OUT/model.safetensors``), evaluated on the report split, and the report
-(``auto.md``, ``auto.json``: every candidate tried) and a plot (``auto.png``: held-out top-1
+search resumes without measuring anything twice. The winner is written in the task's deployment
+format (``vitslim.export.save``: ``OUT/model.safetensors``; a segmentation checkpoint ``OUT/model.pt``;
+also ``OUT/model.onnx`` for the onnxruntime backend), evaluated on the report split, and the report
+(``auto.md``, ``auto.json``: every candidate tried) and a plot (``auto.png``: the held-out metric
 against the measured cost) go beside it. A target that no candidate meets is a ``VitslimError``
-that names the cheapest setting found.
+that names the setting that comes closest.
 """
 from __future__ import annotations
 
@@ -29,21 +34,23 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitslim.autosearch_tasks import SearchTask, search_task
 from vitslim.budget import OutOfReach
-from vitslim.data import balanced_subset, build_dataset
+from vitslim.data import balanced_subset
 from vitslim.errors import VitslimError
-from vitslim.export.files import save
+from vitslim.export.inference import check_runtime
+from vitslim.export.onnx import to_onnx
+from vitslim.export.runtime import runtime
 from vitslim.families import family_of
 from vitslim.io import atomic_write, write_png
-from vitslim.measure.accuracy import evaluate
-from vitslim.measure.latency_budget import fit_latency, fit_speedup
+from vitslim.measure.latency_budget import Runner, fit_latency, fit_speedup
 from vitslim.measure.macs import count_macs
 from vitslim.methods.base import get_method
 from vitslim.patch import check_runs_on, patch, unpatch
@@ -100,11 +107,15 @@ def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candi
 
 def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = None,
          latency_ms: float | None = None, speedup: float | None = None, speed_batch: int = 32, runs: int = 5,
-         holdout: int = 256, calibration: int = 256, report_limit: int | None = None, report_split: str = "test",
+         task: str | None = None, backend: str = "eager", precision: str = "fp32", holdout: int = 256,
+         calibration: int = 256, report_limit: int | None = None, report_split: str = "test",
          methods: list[str] | None = None, time_budget: float | None = None, threads: int = 2, batch_size: int = 64,
          progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Search the candidates for one target (``macs``, ``latency_ms`` or ``speedup`` at ``speed_batch``), save the
-    best in ``out``; the report as a dict."""
+    """Search the candidates for one target (``macs``, ``latency_ms`` or ``speedup`` at ``speed_batch``, timed with
+    ``backend`` at ``precision``), save the best in ``out``; the report as a dict.
+
+    ``task``: "classify" or "segment" (default: segment for a ``vitslim.dense.SegmentationModel``).
+    """
     if sum(t is not None for t in (macs, latency_ms, speedup)) != 1:
         raise VitslimError("give one target: macs=FRACTION, latency_ms=MS or speedup=FACTOR")
     if macs is not None and not 0.0 < macs <= 1.0:
@@ -119,6 +130,11 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         raise VitslimError(f"holdout={holdout} is too few images to rank settings: give at least 8")
     if calibration < 0:
         raise VitslimError(f"calibration={calibration} must be a number of images (0: no calibrated candidates)")
+    check_runtime(backend, precision)
+    searched = search_task(model, task)
+    if searched.name == "segment" and (backend, precision) != ("eager", "fp32"):
+        raise VitslimError("auto --task segment measures and scores eager fp32 models: drop --backend/--precision "
+                           "(export the chosen backbone afterwards with vitslim export)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if macs is not None:
@@ -127,16 +143,25 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         target = {"latency_ms": latency_ms, "threads": threads}
     else:
         target = {"speedup": speedup, "batch_size": speed_batch, "threads": threads}
-    dense = unpatch(copy.deepcopy(model)).eval()
-    held_out, calibration_images = _train_images(dense, data, holdout, calibration)
-    dense_logits, held_out_labels = _logits(dense, held_out, batch_size, threads)
-    calibration_loader = (torch.utils.data.DataLoader(calibration_images, batch_size=32)
+    deployed = {"backend": backend, "precision": precision}
+    dense = unpatch(searched.backbone()).eval()
+    held_out, calibration_images = _train_images(searched, data, holdout, calibration)
+    score_form = _score_form(backend, precision, threads)
+    dense_outputs, dense_quality = _outputs(searched, score_form(searched.assemble(dense)), held_out, batch_size,
+                                            threads)
+    calibration_loader = (torch.utils.data.DataLoader(searched.calibration_data(calibration_images), batch_size=32)
                           if len(calibration_images) else None)
-    record = _open_record(out, {"target": target, "data": data, "holdout": len(held_out),
-                                "calibration": len(calibration_images), "report_split": report_split})
+    header = {"target": target, "data": data, "holdout": len(held_out), "calibration": len(calibration_images),
+              "report_split": report_split}
+    if searched.name != "classify" or deployed != {"backend": "eager", "precision": "fp32"}:  # older records match
+        header.update(task=searched.name, **deployed)
+    record = _open_record(out, header)
     started = time.monotonic() - record.get("seconds", 0.0)  # a resumed search counts the time spent before
     todo = candidates(dense, methods)
     dense_macs = count_macs(dense)
+    runner = None if deployed == {"backend": "eager", "precision": "fp32"} else (
+        lambda m: runtime(m, backend, precision, threads=threads))
+    held_key = f"holdout_{searched.metric}"
 
     def budget_left() -> float | None:
         return None if time_budget is None else time_budget - (time.monotonic() - started)
@@ -164,7 +189,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         else:
             prepared_options[cand.name] = prepared
         if entry is None:
-            entry = _measure(dense, cand, prepared, target, dense_macs, runs)
+            entry = _measure(dense, cand, prepared, target, dense_macs, runs, runner)
         if cand.name not in record["candidates"]:
             record["candidates"][cand.name] = entry
             save_record()
@@ -172,9 +197,9 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             built[cand.name] = _rebuild(dense, cand.method, {**prepared, **entry["options"]})
     if not built:
         raise VitslimError(_unreachable(target, record["candidates"],
-                                        _strongest_found(dense, target, todo, prepared_options, record["candidates"],
-                                                         held_out, dense_logits, held_out_labels, batch_size,
-                                                         threads)))
+                                        _strongest_found(searched, dense, target, todo, prepared_options,
+                                                         record["candidates"], held_out, dense_quality, batch_size,
+                                                         threads, score_form)))
 
     alive, scored = list(built), None
     for rung in range(RUNGS):
@@ -187,9 +212,10 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             bar.set_postfix_str(name if left is None else f"{name}, {max(0.0, budget_left()):.0f} s left")
             entry = record["candidates"][name]
             if str(n) not in entry.setdefault("holdout_kl", {}):
-                top1, kl = _score(built[name], torch.utils.data.Subset(held_out, range(n)), dense_logits[:n],
-                                  batch_size, threads)
-                entry.setdefault("holdout_top1", {})[str(n)] = top1
+                quality, kl = _score(searched, score_form(searched.assemble(built[name])),
+                                     torch.utils.data.Subset(held_out, range(n)), dense_outputs[:n], batch_size,
+                                     threads)
+                entry.setdefault(held_key, {})[str(n)] = quality
                 entry["holdout_kl"][str(n)] = kl
                 save_record()
         scored = str(n)
@@ -198,19 +224,24 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         if rung < RUNGS - 1:  # the better half goes on to twice the images
             alive = alive[:max(1, math.ceil(len(alive) / 2))]
     best = alive[0]
-    chosen = built[best]
-    save(chosen, out / "model.safetensors")
-    report = build_dataset(data, report_split, model=dense, limit=report_limit, evaluation=True)
-    loader = torch.utils.data.DataLoader(report, batch_size=batch_size)
-    final = evaluate(chosen, loader, progress=False, threads=threads)
-    dense_final = evaluate(dense, loader, progress=False, threads=threads)
+    chosen = searched.assemble(built[best])
+    entry = record["candidates"][best]
+    files = [searched.save(chosen, out, {"method": entry["method"], "options": entry["options"], "command": command,
+                                         **deployed})]
+    if backend == "onnxruntime":  # the graph the target was timed on (checked against the model by to_onnx)
+        files.append(to_onnx(chosen, out / "model.onnx", batch="dynamic", precision=precision))
+    final = searched.report(score_form(chosen), data, report_split, report_limit, batch_size, threads)
+    dense_final = searched.report(score_form(searched.assemble(dense)), data, report_split, report_limit, batch_size,
+                                  threads)
+    metric = searched.metric
     result = {
-        "command": command, "target": target, "data": data, "report_split": report_split, "report_images": final["n"],
+        "command": command, "task": searched.name, "metric": metric, "target": target, **deployed, "data": data,
+        "report_split": report_split, "report_images": final["n"],
         "holdout_split": "train", "holdout_images": len(held_out), "holdout_indices": list(held_out.indices),
         "calibration_images": len(calibration_images), "calibration_indices": list(calibration_images.indices),
-        "chosen": best, "method": record["candidates"][best]["method"], "options": record["candidates"][best]["options"],
-        "macs_ratio": record["candidates"][best]["macs_ratio"], "top1": final["top1"], "top5": final["top5"],
-        "dense_top1": dense_final["top1"], "seconds": round(time.monotonic() - started, 1),
+        "chosen": best, "method": entry["method"], "options": entry["options"], "macs_ratio": entry["macs_ratio"],
+        **{k: v for k, v in final.items() if k != "n"}, f"dense_{metric}": dense_final[metric],
+        "files": [p.name for p in files], "seconds": round(time.monotonic() - started, 1),
         "candidates": record["candidates"], "not_measured": skipped,
     }
     atomic_write(out / "auto.json", json.dumps(result, indent=2) + "\n")
@@ -219,19 +250,23 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
     return result
 
 
-def _train_images(model: nn.Module, data: str, holdout: int,
+def _train_images(task: SearchTask, data: str, holdout: int,
                   calibration: int) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
     """``holdout`` images of the train split to rank on and ``calibration`` others to score channels and
-    tokens with, each spread over the classes (never the split reported on; never each other's)."""
+    tokens with, each spread over the classes where images have one (never the split reported on; never each
+    other's)."""
     try:
-        train = build_dataset(data, "train", model=model, evaluation=True)  # no augmentation: ranked as evaluated
+        train, classes = task.train_split(data)
     except VitslimError as exc:
         raise VitslimError(f"auto holds images out from the data's train split and found none ({exc})") from None
-    keep = balanced_subset(train.targets, min(holdout, len(train)))
-    order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0)).tolist()  # every prefix mixed
+    shuffle = torch.Generator().manual_seed(0)
+    if classes is None:  # no class per image: a seeded random draw
+        classes = [0] * len(train)
+    keep = balanced_subset(classes, min(holdout, len(train)))
+    order = torch.randperm(len(keep), generator=shuffle).tolist()  # every prefix mixed
     taken = set(keep)
     rest = [i for i in range(len(train)) if i not in taken]
-    chosen = balanced_subset([train.targets[i] for i in rest], min(calibration, len(rest))) if calibration and rest else []
+    chosen = balanced_subset([classes[i] for i in rest], min(calibration, len(rest))) if calibration and rest else []
     return (torch.utils.data.Subset(train, [keep[i] for i in order]),
             torch.utils.data.Subset(train, [rest[i] for i in chosen]))
 
@@ -264,20 +299,21 @@ def _write_record(out: Path, record: dict[str, Any]) -> None:
 
 
 def _measure(dense: nn.Module, cand: Candidate, options: dict[str, Any], target: dict[str, Any], dense_macs: int,
-             runs: int) -> dict[str, Any]:
-    """Patch a copy of the dense model to the target with the prepared ``options``; its native options and measured
-    cost (or why it cannot)."""
+             runs: int, runner: Runner = None) -> dict[str, Any]:
+    """Patch a copy of the dense model to the target with the prepared ``options`` (timed as ``runner`` makes it);
+    its native options and measured cost (or why it cannot)."""
     model = copy.deepcopy(dense)
     measured: dict[str, Any] = {}
     try:
         if "macs" in target:
             patch(model, cand.method, macs=target["macs"], **options)
         elif "latency_ms" in target:
-            record = fit_latency(model, target["latency_ms"], cand.method, threads=target["threads"], **options)
+            record = fit_latency(model, target["latency_ms"], cand.method, threads=target["threads"], runner=runner,
+                                 **options)
             measured["latency_ms"] = record["latency_ms"]
         else:
             record = fit_speedup(model, target["speedup"], cand.method, batch_size=target["batch_size"],
-                                 threads=target["threads"], runs=runs, **options)
+                                 threads=target["threads"], runs=runs, runner=runner, **options)
             measured["speedup"] = record["speedup"]
     except OutOfReach as exc:  # the strongest setting's cost, in the target's units (speed-ups, not 1/speed-up)
         strongest = 1.0 / exc.strongest if "speedup" in target else exc.strongest
@@ -297,32 +333,39 @@ def _rebuild(dense: nn.Module, method: str, options: dict[str, Any]) -> nn.Modul
     return patch(copy.deepcopy(dense), method, **options).eval()
 
 
-def _logits(model: nn.Module, images: torch.utils.data.Dataset, batch_size: int,
-            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of ``model`` (as it is: the search builds its models in eval mode) and the labels of ``images``."""
+def _score_form(backend: str, precision: str, threads: int) -> Callable[[nn.Module], nn.Module]:
+    """How a model is scored: at the deployed precision (bf16 and int8 change the predictions), through
+    onnxruntime when that is the backend; ``torch.compile`` scores eager (the same numerics, no compile per
+    candidate)."""
+    if precision == "fp32" and backend != "onnxruntime":
+        return lambda m: m
+    backend = "eager" if backend == "compile" else backend
+    return lambda m: runtime(m, backend, precision, threads=threads)
+
+
+def _outputs(task: SearchTask, model: nn.Module, images: torch.utils.data.Dataset, batch_size: int,
+             threads: int) -> tuple[torch.Tensor, float]:
+    """``task.outputs`` with ``threads`` torch threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    logits, labels = [], []
     try:
-        with torch.inference_mode():
-            for x, y in torch.utils.data.DataLoader(images, batch_size=batch_size):
-                logits.append(model(x).float())
-                labels.append(y)
+        return task.outputs(model, images, batch_size)
     finally:
         torch.set_num_threads(previous)
-    return torch.cat(logits), torch.cat(labels)
 
 
-def _score(model: nn.Module, images: torch.utils.data.Dataset, dense_logits: torch.Tensor, batch_size: int,
-           threads: int) -> tuple[float, float]:
-    """Top-1 on ``images`` and the mean KL divergence of the model's predictions from the dense model's.
+def _score(task: SearchTask, model: nn.Module, images: torch.utils.data.Dataset, dense_outputs: torch.Tensor,
+           batch_size: int, threads: int) -> tuple[float, float]:
+    """The task's metric on ``images`` and the mean KL divergence of the model's predictions from the dense model's.
 
-    The KL ranks: it measures what the compression changed on every image, not only where a label
-    flips, so it separates settings that a few hundred images' top-1 cannot tell apart.
+    The KL ranks: it measures what the compression changed on every image (every patch, for
+    segmentation), not only where a label flips, so it separates settings that a few hundred
+    images' top-1 cannot tell apart.
     """
-    logits, labels = _logits(model, images, batch_size, threads)
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense_logits, 1), log_target=True, reduction="batchmean")
-    return (logits.argmax(1) == labels).float().mean().item(), kl.item()
+    outputs, quality = _outputs(task, model, images, batch_size, threads)
+    kl = F.kl_div(F.log_softmax(outputs.flatten(0, -2), -1), F.log_softmax(dense_outputs.flatten(0, -2), -1),
+                  log_target=True, reduction="batchmean")
+    return quality, kl.item()
 
 
 def _cost(entry: dict[str, Any]) -> float:
@@ -332,12 +375,12 @@ def _cost(entry: dict[str, Any]) -> float:
     return 1.0 / entry["speedup"] if "speedup" in entry else entry["macs_ratio"]
 
 
-def _strongest_found(dense: nn.Module, target: dict[str, Any], todo: list[Candidate],
+def _strongest_found(task: SearchTask, dense: nn.Module, target: dict[str, Any], todo: list[Candidate],
                      prepared: dict[str, dict[str, Any]], entries: dict[str, dict],
-                     held_out: torch.utils.data.Dataset, dense_logits: torch.Tensor, labels: torch.Tensor,
-                     batch_size: int, threads: int) -> str | None:
+                     held_out: torch.utils.data.Dataset, dense_quality: float, batch_size: int, threads: int,
+                     score_form: Callable[[nn.Module], nn.Module]) -> str | None:
     """When no candidate meets the target: the one whose strongest setting comes closest, and what that
-    setting costs in held-out top-1 against the dense model (None when no candidate got that far)."""
+    setting costs in the held-out metric against the dense model (None when no candidate got that far)."""
     reached = [c for c in todo if "strongest" in entries.get(c.name, {}) and c.name in prepared]
     if not reached:
         return None
@@ -347,13 +390,13 @@ def _strongest_found(dense: nn.Module, target: dict[str, Any], todo: list[Candid
     options = prepared[closest.name]
     model = _rebuild(dense, closest.method, method_cls.options_for_level(
         dense, method_cls.max_level(dense, **options), **options))
-    top1 = _score(model, held_out, dense_logits, batch_size, threads)[0]
-    dense_top1 = (dense_logits.argmax(1) == labels).float().mean().item()  # its logits are already computed
+    quality = _outputs(task, score_form(task.assemble(model)), held_out, batch_size, threads)[1]
     cost = entries[closest.name]["strongest"]
     cost_text = (f"{cost:.2f}x" if speedup else f"{cost:.1f} ms" if "latency_ms" in target
                  else f"{cost:.3f} of the dense MACs")
-    return (f"the closest is {closest.name} at its strongest setting ({cost_text}), with {top1:.2%} "
-            f"held-out top-1 against the dense model's {dense_top1:.2%}")
+    metric = {"top1": "top-1", "miou": "mIoU"}.get(task.metric, task.metric)
+    return (f"the closest is {closest.name} at its strongest setting ({cost_text}), with {quality:.2%} "
+            f"held-out {metric} against the dense model's {dense_quality:.2%}")
 
 
 def _unreachable(target: dict[str, Any], entries: dict[str, dict], closest: str | None = None) -> str:
@@ -364,23 +407,32 @@ def _unreachable(target: dict[str, Any], entries: dict[str, dict], closest: str 
     return f"no setting meets {what} on this machine{'; ' + closest if closest else ''} ({reasons})"
 
 
+METRIC_NAMES = {"top1": "top-1", "miou": "mIoU"}
+
+
 def _markdown(result: dict[str, Any]) -> str:
     target = ", ".join(f"{k} {v}" for k, v in result["target"].items())
+    metric = result.get("metric", "top1")
+    named = METRIC_NAMES.get(metric, metric)
     lines = [f"# vitslim auto: {target}", ""]
     if result["command"]:
         lines += ["Command:", "", f"    {result['command']}", ""]
+    deployed = ""
+    if (result.get("backend"), result.get("precision")) not in ((None, None), ("eager", "fp32")):
+        deployed = f" (timed and scored with {result['backend']} at {result['precision']})"
     lines += [f"Chosen: **{result['chosen']}** ({result['method']}, options {result['options']}), "
-              f"{result['macs_ratio']:.3f} of the dense MACs; top-1 {result['top1']:.2%} on {result['report_images']} "
-              f"images of the {result['report_split']} split (dense {result['dense_top1']:.2%}). Search: "
-              f"{result['seconds']:.0f} s; candidates ranked by their predictions' KL divergence from the dense "
-              f"model's on {result['holdout_images']} held-out images of the train split (successive halving).", "",
-              "| candidate | method | MACs ratio | batch-1 ms | speed-up | held-out KL to dense | held-out top-1 "
+              f"{result['macs_ratio']:.3f} of the dense MACs{deployed}; {named} {result[metric]:.2%} on "
+              f"{result['report_images']} images of the {result['report_split']} split (dense "
+              f"{result['dense_' + metric]:.2%}). Search: {result['seconds']:.0f} s; candidates ranked by their "
+              f"predictions' KL divergence from the dense model's on {result['holdout_images']} held-out images of the "
+              "train split (successive halving).", "",
+              f"| candidate | method | MACs ratio | batch-1 ms | speed-up | held-out KL to dense | held-out {named} "
               "(images) | note |",
               "|---|---|---|---|---|---|---|---|"]
     if result["not_measured"]:  # the time budget ran out before these were patched
         lines[-2:-2] = [f"Not measured (time budget spent): {', '.join(result['not_measured'])}.", ""]
     for name, entry in result["candidates"].items():
-        scores = entry.get("holdout_top1", {})
+        scores = entry.get(f"holdout_{metric}", {})
         last = max(scores, key=int) if scores else None
         score = f"{scores[last]:.2%} ({last})" if last else "-"
         ms = f"{entry['latency_ms']:.1f}" if "latency_ms" in entry else "-"
@@ -393,16 +445,17 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
-    """Held-out top-1 (on the most images each candidate was scored on) against its measured cost."""
+    """The held-out metric (on the most images each candidate was scored on) against the measured cost."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = next((k for k in ("latency_ms", "speedup") if k in result["target"]), "macs_ratio")
+    metric = result.get("metric", "top1")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, entry in result["candidates"].items():
-        scores = entry.get("holdout_top1")
+        scores = entry.get(f"holdout_{metric}")
         if not scores:
             continue
         x = entry[key]
@@ -411,7 +464,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel({"latency_ms": "batch-1 latency here (ms)", "speedup": "throughput speed-up here",
                    "macs_ratio": "MACs (fraction of dense)"}[key])
-    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_ylabel(f"held-out {METRIC_NAMES.get(metric, metric)} (%)")
     ax.set_title("vitslim auto: every candidate (star: chosen)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--latency-ms", type=float, help="batch-1 latency target on this machine (--threads threads)")
     target.add_argument("--speedup", type=float, help="throughput target: this many times the dense model's at "
                                                       "--batch-size, timed here (--threads threads, --runs rounds)")
+    auto.add_argument("--task", default="classify", choices=["classify", "segment"],
+                      help="segment: --model is a `vitslim segment train` checkpoint and --data a segmentation folder; "
+                           "the methods run under its head, ranked and reported by mIoU (default classify)")
+    auto.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime"],
+                      help="what latency and speed-up are timed on (the deployable form, vitslim.export.runtime)")
+    auto.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                      help="precision timed and scored at (bf16/int8 change the predictions the ranking sees)")
     auto.add_argument("--batch-size", type=int, default=32, help="batch size of --speedup timing (default 32)")
     auto.add_argument("--runs", type=int, default=5, help="timed rounds per --speedup measurement (default 5)")
     auto.add_argument("--split", default="test", help="split the chosen model is reported on (default test)")
@@ -149,20 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_auto(args: argparse.Namespace) -> int:
-    from vitslim.autosearch import auto
+    from vitslim.autosearch import METRIC_NAMES, auto
 
-    model = _load(args)
-    data = _required_data(args, model, "with a train split to rank on")
+    if args.task == "segment":
+        from vitslim.train.segmentation import load_segmentation
+
+        if args.model == "default":
+            raise VitslimError("give --model: a `vitslim segment train` checkpoint (its head is kept, the methods run "
+                               "under it)")
+        if args.data is None:
+            raise VitslimError("give --data: the segmentation folder the head was trained on (a train split to rank "
+                               "on, --split to report on)")
+        model, data = load_segmentation(args.model), args.data
+    else:
+        model = _load(args)
+        data = _required_data(args, model, "with a train split to rank on")
     result = auto(model, data, args.out, macs=args.macs, latency_ms=args.latency_ms, speedup=args.speedup,
-                  speed_batch=args.batch_size, runs=args.runs, holdout=args.holdout,
-                  calibration=args.calibration, report_limit=args.limit, report_split=args.split,
+                  speed_batch=args.batch_size, runs=args.runs, task=args.task, backend=args.backend,
+                  precision=args.precision, holdout=args.holdout, calibration=args.calibration,
+                  report_limit=args.limit, report_split=args.split,
                   methods=_method_list(args.methods) if args.methods else None, time_budget=args.time_budget,
                   threads=args.threads, batch_size=args.eval_batch_size, progress=not args.no_progress,
                   command=_command(args))
+    metric = result["metric"]
     print(f"chosen: {result['chosen']} ({result['method']} {result['options']}), {result['macs_ratio']:.3f} of the "
-          f"dense MACs, top-1 {result['top1']:.2%} on {result['report_images']} {result['report_split']} images "
-          f"(dense {result['dense_top1']:.2%})")
-    print(f"wrote {args.out}/model.safetensors, auto.md, auto.json, auto.png")
+          f"dense MACs, {METRIC_NAMES[metric]} {result[metric]:.2%} on {result['report_images']} "
+          f"{result['report_split']} images (dense {result['dense_' + metric]:.2%})")
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in result['files'])}, auto.md, auto.json, auto.png")
     return 0
 
 

@@ -17,6 +17,7 @@ import timm.data
 from torchvision import transforms as T
 
 from vitslim.errors import VitslimError
+from vitslim.families import unwrap
 from vitslim.measure.macs import default_input_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -76,6 +77,7 @@ def data_config(model: torch.nn.Module | None = None, spec: str | None = None) -
             return dict(DIGITS_DATA_CFG)
         return dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=timm.data.DEFAULT_CROP_PCT,
                     crop_mode="center", mean=timm.data.IMAGENET_DEFAULT_MEAN, std=timm.data.IMAGENET_DEFAULT_STD)
+    model = unwrap(model)  # a runtime or other wrapper has no config of its own: the model inside decides
     cfg = timm.data.resolve_data_config({}, model=model)
     try:
         size = tuple(default_input_size(model))

@@ -108,13 +108,21 @@ class SegmentationModel(nn.Module):
     def forward_parts(self, images: Tensor) -> tuple[Tensor, Tensor, list]:
         """(logits at the image size, full-grid features, the method's aux list) for training."""
         fmap, state = features_and_state(self.backbone, images, restore=self.restore)
-        logits = F.interpolate(self.head(fmap), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, fmap, state.aux if state is not None else []
+        return upsample(self.head(fmap), images.shape[-2:]), fmap, state.aux if state is not None else []
+
+    def grid_logits(self, images: Tensor) -> Tensor:
+        """The head's logits (B, K, h, w) on the patch grid, before upsampling (``upsample`` gives ``forward``'s)."""
+        return self.head(features_and_state(self.backbone, images, restore=self.restore)[0])
 
     def no_weight_decay(self) -> set[str]:
         """The backbone's no-decay names (position embedding, tokens) and the head's class embeddings."""
         names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
         return names | {f"head.{n}" for n, _ in self.head.named_parameters() if n == "class_embed"}
+
+
+def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Logits (B, K, h, w) resized bilinearly to ``size``: how predictions reach the image and the masks."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def build_head(kind: str, dim: int, num_classes: int, **kwargs) -> nn.Module:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -10,6 +10,8 @@ from vitslim.budget import OutOfReach, search_level
 from vitslim.measure.speed import compare_speed, latency, paired_ratio
 from vitslim.methods.base import get_method
 from vitslim.patch import patch, unpatch
+
+Runner = Optional[Callable[[nn.Module], nn.Module]]  # the form a model is timed in (e.g. a backend's); None: as it is
 
 
 def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[[nn.Module], float], target: float,
@@ -31,27 +33,31 @@ def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[
 
 
 def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, threads: int = 2, runs: int = 20,
-                **options: Any) -> dict[str, Any]:
+                runner: Runner = None, **options: Any) -> dict[str, Any]:
     """Patch ``model`` in place at the mildest budget level whose batch-1 latency here is at most ``latency_ms``.
 
     The one budget search (``vitslim.budget.search_level``) over the method's levels, each measured
-    with ``vitslim.measure.latency``. Returns the run record (what was asked, what was measured, the
-    options chosen); the measurement is not part of the method's options, so a run can resume.
+    with ``vitslim.measure.latency`` (on ``runner(model)`` when given: the form it is deployed in).
+    Returns the run record (what was asked, what was measured, the options chosen); the measurement
+    is not part of the method's options, so a run can resume.
     """
-    level, ms = _fit(model, method, options, lambda m: latency(m, runs=runs, threads=threads)["median_ms"],
+    run = runner or (lambda m: m)
+    level, ms = _fit(model, method, options, lambda m: latency(run(m), runs=runs, threads=threads)["median_ms"],
                      latency_ms, f"{method} (batch 1, {threads} threads)", "latency_ms", " ms")
     return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "level": level,
             "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
 
 
 def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: int = 32, threads: int = 2,
-                runs: int = 5, **options: Any) -> dict[str, Any]:
+                runs: int = 5, runner: Runner = None, **options: Any) -> dict[str, Any]:
     """Patch ``model`` in place at the mildest budget level whose throughput at ``batch_size`` here is at least
-    ``speedup`` times the dense model's (paired timed rounds, ``vitslim.measure.compare_speed``)."""
-    dense = unpatch(copy.deepcopy(model)).eval()
+    ``speedup`` times the dense model's (paired timed rounds, ``vitslim.measure.compare_speed``; both models
+    as ``runner`` makes them when given)."""
+    run = runner or (lambda m: m)
+    dense = run(unpatch(copy.deepcopy(model)).eval())
 
     def slowness(m: nn.Module) -> float:  # 1 / speed-up: falls as the level rises, as search_level wants
-        timed = compare_speed({"dense": dense, "model": m}, batch_size, runs=runs, threads=threads)
+        timed = compare_speed({"dense": dense, "model": run(m)}, batch_size, runs=runs, threads=threads)
         return 1.0 / paired_ratio(timed["dense"], timed["model"])
 
     what = f"{method} (batch {batch_size}, {threads} threads)"
