@@ -41,13 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from vitslim.data import data_root
-from vitslim.dense import ConfusionMatrix, LinearHead, MaskTransformer, SegmentationFolder, features
+from vitslim.dense import (ConfusionMatrix, LinearHead, MaskTransformer, SegmentationFolder, SegmentationModel,
+                           features)
 from vitslim.dense.data import segmentation_split
 from vitslim.io import atomic_write
 from vitslim.measure.compare import count_row_macs, protocol, time_rows
 from vitslim.measure.macs import count_macs
 from vitslim.measure.report import format_table, save_report
 from vitslim.patch import describe, patch
+from vitslim.train.checkpoint import save_checkpoint
+from vitslim.train.segmentation import SegmentationTask
 
 SHARED = Path(os.environ.get("VITSLIM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 COLUMNS = [("method", "method", "{}"), ("budget", "MACs target", "{:.2f}"), ("macs_ratio", "MACs ratio", "{:.3f}"),
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, help="use only the first N images of each split")
+    parser.add_argument("--checkpoint-out", help="also write the dense backbone with its linear head as a `vitslim "
+                                                 "segment train` checkpoint (what `vitslim auto --task segment` takes)")
     parser.add_argument("--work", default=os.environ.get("VITSLIM_BENCH_WORK",
                                                          str(Path.home() / ".cache/vitslim/segment_camvid")))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -149,6 +154,12 @@ def build_row(backbone: torch.nn.Module, name: str, budget: float | None) -> tor
     return patch(copy.deepcopy(backbone), VARIANTS.get(name, name), macs=budget, **options).eval()
 
 
+def save_segmentation(path: str | Path, model: SegmentationModel, size, command: str) -> None:
+    """``model`` as a segmentation training checkpoint (``vitslim.train.load_segmentation`` and the CLI read it)."""
+    state = SegmentationTask(model.num_classes).model_state(model)
+    save_checkpoint(path, {**state, "run_record": {"command": command, "size": list(size), "head": "probe"}})
+
+
 def row_key(name: str, budget: float) -> str:
     """A row's name in the work folder and the timing configs ("dense" as time_rows expects)."""
     return "dense" if name == "dense" else f"{name}@{budget}"
@@ -206,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             if mask is not None:
                 state["mask"] = mask.state_dict()
             atomic_write(heads_path, lambda f: torch.save(state, f))
+        if args.checkpoint_out:
+            save_segmentation(smoke.output_path(args.checkpoint_out), SegmentationModel(backbone, linear), size,
+                              command)
         for name, budget in names:
             path = work / f"{name}@{budget}.json"
             record = _load(path)

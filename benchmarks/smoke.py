@@ -41,6 +41,14 @@ def results_dir(default: str | Path) -> Path:
     return work_dir() / "results" if ENABLED else Path(default)
 
 
+def output_path(path: str | Path) -> Path:
+    """Where a file the command names goes: ``path``, or into the smoke folder in smoke mode unless it is there."""
+    path = Path(path)
+    if not ENABLED or path.resolve().is_relative_to(work_dir().resolve()):
+        return path
+    return work_dir() / path.name
+
+
 def model_spec(spec: str) -> tuple[str, dict]:
     """(model spec, timm overrides) for vitslim.zoo.load_model: the tiny ViT in smoke mode."""
     if not ENABLED:

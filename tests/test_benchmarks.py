@@ -36,7 +36,7 @@ EXERCISED = {
     "prune_merge_scaling.py": "test_recorded_python_commands_run", "speed_recheck.py": "test_speed_recheck",
     "segment_camvid.py": "test_recorded_python_commands_run", "deploy.py": "test_recorded_python_commands_run",
     "rope_positions.py": "test_recorded_python_commands_run", "auto_cifar10.sh": "test_auto_cifar10",
-    "auto_report.py": "test_auto_cifar10", "long_finetune.sh": "test_long_finetune_resumes_and_marks_unfinished",
+    "auto_report.py": "test_auto_cifar10", "auto_camvid.sh": "test_auto_camvid", "long_finetune.sh": "test_long_finetune_resumes_and_marks_unfinished",
     "long_report.py": "test_long_finetune_resumes_and_marks_unfinished",
     "channel_importance.py": "test_recorded_python_commands_run",
 }
@@ -142,6 +142,18 @@ def test_auto_cifar10(smoke):
     for row in rows[:2]:  # MACs targets are always met; a speed-up may not be on a tiny model
         assert row["met"] and abs(row["macs_ratio"] - float(row["target"][5:])) <= 0.02 * float(row["target"][5:])
         assert row["hand"]["method"] == "tome"  # the committed table's best at 0.5 and 0.7
+
+
+def test_auto_camvid(smoke):
+    smoke("bash", "benchmarks/auto_camvid.sh")
+    hand = smoke.report("auto_camvid_hand")["rows"]
+    assert [r["method"] for r in hand] == ["dense", "tome", "atme"]  # under the head auto searched under
+    rows = smoke.report("auto_camvid")["rows"]
+    assert [r["target"] for r in rows] == ["macs=0.5", "macs=0.7"]
+    for row in rows:
+        target = float(row["target"][5:])
+        assert row["met"] and row["metric"] == "miou" and abs(row["macs_ratio"] - target) <= 0.02 * target
+        assert row["dense_miou"] == hand[0]["miou_linear"]  # the same head, the same test images
 
 
 def test_long_finetune_resumes_and_marks_unfinished(smoke):
