@@ -80,7 +80,7 @@ def test_an_unreachable_latency_target_is_one_line_and_exit_code_2(tmp_path, cap
     err = capsys.readouterr().err.splitlines()[-1]  # (a first use trains the default model before it)
     assert code == 2 and err.startswith("vitslim: error: no setting meets")
     assert "no setting meets latency_ms=0.001" in err and "tome" in err and "ask for at least" in err
-    assert "the closest is tome at its strongest setting (" in err and " ms), with " in err
+    assert "the closest is tome" in err and "at its strongest setting (" in err and " ms), with " in err
 
 
 def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeypatch):
@@ -103,13 +103,13 @@ def test_an_interrupted_search_resumes_without_measuring_again(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
     record = json.loads((tmp_path / "auto_record.json").read_text())
-    assert len(record["candidates"]) == 5 and calls["measure"] == 5  # tome, evit x2, topk x2: all patched
+    assert len(record["candidates"]) == 6 and calls["measure"] == 6  # tome, evit, topk x2 each: all patched
     assert sum("holdout_top1" in c for c in record["candidates"].values()) == 2
     calls.update(measure=0, top1=0)
     monkeypatch.setattr(autosearch, "_score", lambda *a, **k: (calls.__setitem__("top1", calls["top1"] + 1), top1(*a, **k))[1])
     result = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
     assert calls["measure"] == 0  # every candidate's budget came from the record
-    assert calls["top1"] == 3 + 3 + 2  # rung 1: the three not yet scored; rung 2: 3 of 5; rung 3: 2 of 3
+    assert calls["top1"] == 4 + 3 + 2  # rung 1: the four not yet scored; rung 2: 3 of 6; rung 3: 2 of 3
     assert result["chosen"] in record["candidates"]
 
 
@@ -117,10 +117,10 @@ def test_a_time_budget_bounds_the_patching_and_a_rerun_measures_the_rest(tmp_pat
     methods = ["tome", "topk", "evit"]
     first = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, time_budget=1e-3, **FAST)
     assert list(first["candidates"]) == ["tome"] and first["chosen"] == "tome"
-    assert first["not_measured"] == ["evit", "evit early", "topk", "topk early"]
-    assert "Not measured (time budget spent): evit" in (tmp_path / "auto.md").read_text()
+    assert first["not_measured"] == ["tome decreasing", "evit", "evit early", "topk", "topk early"]
+    assert "Not measured (time budget spent): tome decreasing, evit" in (tmp_path / "auto.md").read_text()
     second = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.6, methods=methods, **FAST)
-    assert len(second["candidates"]) == 5 and not second["not_measured"]
+    assert len(second["candidates"]) == 6 and not second["not_measured"]
     assert second["seconds"] > first["seconds"]  # the time of the first run counts in the resumed search
 
 
@@ -211,3 +211,44 @@ def test_an_onnxruntime_latency_search_times_the_onnx_graph_and_writes_it(tmp_pa
     assert result["backend"] == "onnxruntime" and 0 < entry["latency_ms"] < 1000
     assert result["files"] == ["model.safetensors", "model.onnx"]
     assert onnx_metadata(tmp_path / "model.onnx")["method"] == "tome"
+
+
+def test_finetune_budget_trains_the_finalists_re_ranks_them_and_resumes(tmp_path, monkeypatch):
+    """--finetune-budget: the best few are fine-tuned with distillation (closer to dense than before), re-ranked
+    by held-out KL, the saved model is the fine-tuned winner; a rerun trains and scores nothing again."""
+    kwargs = dict(macs=0.5, methods=["topk", "evit"], finetune_steps=12, finetune_top=2, finetune_batch=16,
+                  finetune_lr=3e-4, **FAST)
+    result = vitslim.auto(load_model("default"), "digits", tmp_path, **kwargs)
+    finalists = result["finetune"]["candidates"]
+    assert len(finalists) == 2 and result["chosen"] in finalists and result["finetune"]["kept"] == "fine-tuned"
+    after = {n: result["candidates"][n]["finetuned"]["12"] for n in finalists}
+    assert result["chosen"] == min(after, key=lambda n: after[n]["holdout_kl"])
+    for name in finalists:  # both scored on all 48 held-out images before and after
+        assert after[name]["holdout_kl"] < result["candidates"][name]["holdout_kl"]["48"]  # closer to dense
+    saved = export.load(tmp_path / "model.safetensors")
+    loader = torch.utils.data.DataLoader(build_dataset("digits", "test", model=saved, limit=120), batch_size=64)
+    assert evaluate(saved, loader, progress=False)["top1"] == result["top1"]
+    rebuilt = autosearch._rebuild(load_model("default"), result["method"], result["options"])
+    assert not all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), rebuilt.state_dict().values()))
+    assert "Fine-tuned: the best 2 for 12 steps" in (tmp_path / "auto.md").read_text()
+    assert "fine-tuned 12 steps" in (tmp_path / "auto.md").read_text()
+    # resumed: the finished runs come back from their checkpoints, nothing is scored again
+    calls = []
+    score = autosearch._score
+    monkeypatch.setattr(autosearch, "_score", lambda *a, **k: (calls.append(1), score(*a, **k))[1])
+    again = vitslim.auto(load_model("default"), "digits", tmp_path, **kwargs)
+    assert not calls and again["chosen"] == result["chosen"] and again["top1"] == result["top1"]
+
+
+def test_a_finalist_that_fine_tuning_moves_away_from_dense_is_kept_training_free(tmp_path):
+    """ToMe at 0.5 MACs on the digits model is nearly lossless: the label loss moves it away from the dense model,
+    so the saved model is its training-free form (the fine-tuned one is only recorded)."""
+    result = vitslim.auto(load_model("default"), "digits", tmp_path, macs=0.5, methods=["tome"], finetune_steps=12,
+                          finetune_top=1, finetune_batch=16, finetune_lr=3e-4, **FAST)
+    entry = result["candidates"][result["chosen"]]
+    assert result["finetune"]["kept"] == "training-free"
+    assert entry["finetuned"]["12"]["holdout_kl"] > entry["holdout_kl"]["48"]
+    saved = export.load(tmp_path / "model.safetensors")
+    rebuilt = autosearch._rebuild(load_model("default"), result["method"], result["options"])
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), rebuilt.state_dict().values()))
+    assert "training-free: no fine-tuned finalist came closer" in (tmp_path / "auto.md").read_text()

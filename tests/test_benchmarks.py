@@ -153,7 +153,7 @@ def test_auto_camvid(smoke):
     for row in rows:
         target = float(row["target"][5:])
         assert row["met"] and row["metric"] == "miou" and abs(row["macs_ratio"] - target) <= 0.02 * target
-        assert row["dense_miou"] == hand[0]["miou_linear"]  # the same head, the same test images
+        assert row["dense_miou"] == pytest.approx(hand[0]["miou_linear"], abs=1e-3)  # the same head and images
 
 
 def test_long_finetune_resumes_and_marks_unfinished(smoke):

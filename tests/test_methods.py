@@ -33,6 +33,21 @@ def test_tome_r_schedules():
     assert [a - m for a, m in vitslim.describe(model)["tokens"]] == parse_r((4, -1.0), 4)
 
 
+def test_tome_budget_keeps_the_shape_of_its_inflection():
+    """macs= with inflection spreads the merges on ToMe's linear schedule: decreasing, even or increasing."""
+    dense = vitslim.count_macs(tiny_vit(depth=6))
+    shapes = {}
+    for inflection in (-0.5, 0.0, 0.5):
+        model = vitslim.patch(tiny_vit(depth=6), "tome", macs=0.6, inflection=inflection)
+        assert abs(vitslim.count_macs(model) / dense - 0.6) <= 0.02 * 0.6
+        shapes[inflection] = model.vitslim_config["options"]["r"]
+    assert shapes[-0.5] == sorted(shapes[-0.5], reverse=True) and shapes[-0.5][0] > 2 * shapes[-0.5][-1]
+    assert max(shapes[0.0]) - min(shapes[0.0]) <= 1
+    assert shapes[0.5] == sorted(shapes[0.5]) and shapes[0.5][-1] > 2 * shapes[0.5][0]
+    with pytest.raises(vitslim.VitslimError, match="inflection 2.0 is out of range"):
+        vitslim.patch(tiny_vit(depth=6), "tome", macs=0.6, inflection=2.0)
+
+
 def test_tome_caps_r_at_half_the_patch_tokens():
     model = vitslim.patch(tiny_vit(depth=3), "tome", r=1000)
     assert [t for t, _ in vitslim.describe(model)["tokens"]] == [65, 33, 17]

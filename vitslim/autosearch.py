@@ -30,6 +30,7 @@ that names the setting that comes closest.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -54,10 +55,13 @@ from vitslim.measure.latency_budget import Runner, fit_latency, fit_speedup
 from vitslim.measure.macs import count_macs
 from vitslim.methods.base import get_method
 from vitslim.patch import check_runs_on, patch, unpatch
+from vitslim.train.config import TrainConfig
+from vitslim.train.engine import fit, resume_path, teacher_copy
 
 RECORD = "auto_record.json"
 RUNGS = 3  # successive halving: a quarter, a half, then all of the held-out images
 MACS_TOLERANCE = 0.02  # a candidate's measured MACs must be within 2% of the target
+FINETUNE_KD = 0.5  # the fine-tune's distillation weight (convex with the label loss, DeiT-style)
 
 
 class Candidate(NamedTuple):
@@ -76,6 +80,7 @@ def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candi
     early = sorted({max(1, depth // 6), max(2, depth // 3), depth // 2})  # reduce sooner than the quarter points
     found = [
         Candidate("tome", "tome", {}),
+        Candidate("tome decreasing", "tome", {"inflection": -0.5}),  # ToMe's schedule: more merges early
         Candidate("evit", "evit", {}),
         Candidate("evit early", "evit", {"locations": early}),
         Candidate("topk", "topk", {}),
@@ -109,12 +114,15 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
          latency_ms: float | None = None, speedup: float | None = None, speed_batch: int = 32, runs: int = 5,
          task: str | None = None, backend: str = "eager", precision: str = "fp32", holdout: int = 256,
          calibration: int = 256, report_limit: int | None = None, report_split: str = "test",
-         methods: list[str] | None = None, time_budget: float | None = None, threads: int = 2, batch_size: int = 64,
-         progress: bool = True, command: str | None = None) -> dict[str, Any]:
+         methods: list[str] | None = None, time_budget: float | None = None, finetune_steps: int | None = None,
+         finetune_top: int = 3, finetune_batch: int = 32, finetune_lr: float = 1e-4, threads: int = 2,
+         batch_size: int = 64, progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Search the candidates for one target (``macs``, ``latency_ms`` or ``speedup`` at ``speed_batch``, timed with
     ``backend`` at ``precision``), save the best in ``out``; the report as a dict.
 
     ``task``: "classify" or "segment" (default: segment for a ``vitslim.dense.SegmentationModel``).
+    ``finetune_steps``: the best ``finetune_top`` after the halving are fine-tuned that many steps with
+    distillation from the dense model (``_finetune``) and re-ranked; the best of them is the one saved.
     """
     if sum(t is not None for t in (macs, latency_ms, speedup)) != 1:
         raise VitslimError("give one target: macs=FRACTION, latency_ms=MS or speedup=FACTOR")
@@ -130,6 +138,8 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         raise VitslimError(f"holdout={holdout} is too few images to rank settings: give at least 8")
     if calibration < 0:
         raise VitslimError(f"calibration={calibration} must be a number of images (0: no calibrated candidates)")
+    if finetune_steps is not None and (finetune_steps < 1 or finetune_top < 1 or finetune_batch < 1):
+        raise VitslimError("finetune_steps, finetune_top and finetune_batch must be at least 1")
     check_runtime(backend, precision)
     searched = search_task(model, task)
     if searched.name == "segment" and (backend, precision) != ("eager", "fp32"):
@@ -225,6 +235,14 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
             alive = alive[:max(1, math.ceil(len(alive) / 2))]
     best = alive[0]
     chosen = searched.assemble(built[best])
+    finetune = None
+    if finetune_steps:
+        finetune = {"steps": finetune_steps, "batch_size": finetune_batch, "lr": finetune_lr,
+                    "candidates": _ranking(record["candidates"], list(built))[:finetune_top],
+                    "kd_weight": FINETUNE_KD, "label_smoothing": 0.1}
+        best, chosen = _finetune(searched, data, dense, {n: built[n] for n in finetune["candidates"]}, held_out,
+                                 dense_outputs, finetune, out, record, save_record, score_form, batch_size, threads,
+                                 progress)
     entry = record["candidates"][best]
     files = [searched.save(chosen, out, {"method": entry["method"], "options": entry["options"], "command": command,
                                          **deployed})]
@@ -241,7 +259,7 @@ def auto(model: nn.Module, data: str, out: str | Path, *, macs: float | None = N
         "calibration_images": len(calibration_images), "calibration_indices": list(calibration_images.indices),
         "chosen": best, "method": entry["method"], "options": entry["options"], "macs_ratio": entry["macs_ratio"],
         **{k: v for k, v in final.items() if k != "n"}, f"dense_{metric}": dense_final[metric],
-        "files": [p.name for p in files], "seconds": round(time.monotonic() - started, 1),
+        "finetune": finetune, "files": [p.name for p in files], "seconds": round(time.monotonic() - started, 1),
         "candidates": record["candidates"], "not_measured": skipped,
     }
     atomic_write(out / "auto.json", json.dumps(result, indent=2) + "\n")
@@ -326,6 +344,74 @@ def _measure(dense: nn.Module, cand: Candidate, options: dict[str, Any], target:
     if macs is not None and abs(entry["macs_ratio"] - macs) > MACS_TOLERANCE * macs:
         return {**entry, "error": f"measured {entry['macs_ratio']:.3f} of the dense MACs, not within 2% of {macs}"}
     return entry
+
+
+def _ranking(entries: dict[str, dict], names: list[str]) -> list[str]:
+    """``names`` best first: those scored on more held-out images (they survived more rungs) ahead, then by
+    held-out KL on the most images each was scored on, then the cheaper."""
+    def key(name: str) -> tuple[int, float, float]:
+        scored = entries[name]["holdout_kl"]
+        most = max(scored, key=int)
+        return -int(most), scored[most], _cost(entries[name])
+    return sorted((n for n in names if entries[n].get("holdout_kl")), key=key)
+
+
+def _finetune(task: SearchTask, data: str, dense: nn.Module, finalists: dict[str, nn.Module],
+              held_out: torch.utils.data.Subset, dense_outputs: torch.Tensor, finetune: dict[str, Any], out: Path,
+              record: dict[str, Any], save_record: Callable[[], None], score_form: Callable[[nn.Module], nn.Module],
+              batch_size: int, threads: int, progress: bool) -> tuple[str, nn.Module]:
+    """Fine-tune each finalist (a copy, head included) through the training engine: ``finetune["steps"]`` steps
+    on the train images that are not held out, logit (or, for segmentation, feature) distillation from the dense
+    model; re-score it on all the held-out images. The closest to the dense model by held-out KL among the
+    fine-tuned finalists *and* their training-free forms (a near-lossless setting can drift in training: then
+    it is kept as it was; ``finetune["kept"]`` says which), and its model.
+
+    Each run checkpoints in ``OUT/finetune/NAME-STEPSsteps`` and resumes from there; its held-out scores go to
+    the record (``finetuned``), so a rerun trains and scores nothing twice.
+    """
+    steps, key = finetune["steps"], str(finetune["steps"])
+    config = TrainConfig(max_steps=steps, batch_size=finetune["batch_size"], lr=finetune["lr"], warmup_epochs=0.0,
+                         weight_decay=0.05, label_smoothing=finetune["label_smoothing"],
+                         kd_weight=finetune["kd_weight"], kd_mode="convex", eval_every=0, checkpoint_every=50,
+                         seed=0)
+    train = task.training_images(data, config)
+    held = set(held_out.indices)
+    images = torch.utils.data.Subset(train, [i for i in range(len(train)) if i not in held])
+    if len(images) < config.batch_size:
+        raise VitslimError(f"fine-tuning needs at least one batch of {config.batch_size} train images beyond the "
+                           f"{len(held)} held out; the split has {len(images)}: lower --finetune-batch-size")
+    config = dataclasses.replace(config, epochs=max(1, math.ceil(steps / (len(images) // config.batch_size))))
+    teacher = teacher_copy(dense)
+    held_key, every = f"holdout_{task.metric}", str(len(held_out))
+    tuned: dict[str, nn.Module] = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, backbone in finalists.items():
+            entry = record["candidates"][name]
+            if every not in entry["holdout_kl"]:  # a finalist out in an earlier rung: its before, on every image
+                quality, kl = _score(task, score_form(task.assemble(backbone)), held_out, dense_outputs, batch_size,
+                                     threads)
+                entry[held_key][every], entry["holdout_kl"][every] = quality, kl
+                save_record()
+            model = copy.deepcopy(task.assemble(backbone))  # the head too: it trains with the backbone
+            folder = out / "finetune" / f"{name.replace(' ', '_')}-{steps}steps"
+            fit(model, images, teacher=teacher, config=config, out_dir=folder, resume=resume_path("auto", folder),
+                progress=progress, run_record={"auto_candidate": name}, task=task.training_task())
+            tuned[name] = model.eval()
+            scores = record["candidates"][name].setdefault("finetuned", {})
+            if key not in scores:
+                quality, kl = _score(task, score_form(tuned[name]), held_out, dense_outputs, batch_size, threads)
+                scores[key] = {"holdout_kl": kl, held_key: quality}
+                save_record()
+    finally:
+        torch.set_num_threads(previous)
+    forms = [(entry["finetuned"][key]["holdout_kl"] if trained else entry["holdout_kl"][every], _cost(entry),
+              trained, name) for name, entry in ((n, record["candidates"][n]) for n in tuned)
+             for trained in (False, True)]  # ties: the training-free form first
+    _, _, trained, best = min(forms)
+    finetune["kept"] = "fine-tuned" if trained else "training-free"
+    return best, tuned[best] if trained else task.assemble(finalists[best])
 
 
 def _rebuild(dense: nn.Module, method: str, options: dict[str, Any]) -> nn.Module:
@@ -420,7 +506,11 @@ def _markdown(result: dict[str, Any]) -> str:
     deployed = ""
     if (result.get("backend"), result.get("precision")) not in ((None, None), ("eager", "fp32")):
         deployed = f" (timed and scored with {result['backend']} at {result['precision']})"
-    lines += [f"Chosen: **{result['chosen']}** ({result['method']}, options {result['options']}), "
+    tuned = ""
+    if result.get("finetune"):
+        tuned = (f", fine-tuned {result['finetune']['steps']} steps" if result["finetune"]["kept"] == "fine-tuned"
+                 else " (training-free: no fine-tuned finalist came closer to the dense model)")
+    lines += [f"Chosen: **{result['chosen']}**{tuned} ({result['method']}, options {result['options']}), "
               f"{result['macs_ratio']:.3f} of the dense MACs{deployed}; {named} {result[metric]:.2%} on "
               f"{result['report_images']} images of the {result['report_split']} split (dense "
               f"{result['dense_' + metric]:.2%}). Search: {result['seconds']:.0f} s; candidates ranked by their "
@@ -441,6 +531,20 @@ def _markdown(result: dict[str, Any]) -> str:
         kl = f"{entry['holdout_kl'][last]:.4f}" if last and last in entry.get("holdout_kl", {}) else "-"
         lines.append(f"| {name} | {entry['method']} | {macs} | {ms} | {fast} | {kl} | {score} | "
                      f"{entry.get('error', '')} |")
+    finetune = result.get("finetune")
+    if finetune:
+        key = str(finetune["steps"])
+        lines += ["", f"Fine-tuned: the best {len(finetune['candidates'])} for {finetune['steps']} steps (batch "
+                  f"{finetune['batch_size']}, lr {finetune['lr']:g}, distillation weight {finetune['kd_weight']} from "
+                  f"the dense model) on the train images not held out, then re-ranked on all {result['holdout_images']}"
+                  " held-out images.", "",
+                  f"| candidate | held-out KL before | after | held-out {named} before | after |", "|---|---|---|---|---|"]
+        for name in finetune["candidates"]:
+            entry = result["candidates"][name]
+            last = max(entry["holdout_kl"], key=int)
+            after = entry["finetuned"][key]
+            lines.append(f"| {name} | {entry['holdout_kl'][last]:.4f} | {after['holdout_kl']:.4f} | "
+                         f"{entry[f'holdout_{metric}'][last]:.2%} | {after[f'holdout_{metric}']:.2%} |")
     return "\n".join(lines) + "\n"
 
 

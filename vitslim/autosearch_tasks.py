@@ -24,7 +24,9 @@ from vitslim.errors import VitslimError
 from vitslim.export.files import save
 from vitslim.measure.accuracy import evaluate
 from vitslim.train.checkpoint import save_checkpoint
+from vitslim.train.config import TrainConfig
 from vitslim.train.segmentation import SegmentationTask
+from vitslim.train.task import Task
 
 
 class SearchTask:
@@ -54,6 +56,14 @@ class SearchTask:
     def calibration_data(self, images: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
         """What the calibration passes iterate: (image, label) pairs (labels give the gradients their targets)."""
         return images
+
+    def training_task(self) -> Task:
+        """What the training engine fine-tunes the best candidates as (``--finetune-budget``)."""
+        return Task()
+
+    def training_images(self, data: str, config: TrainConfig) -> torch.utils.data.Dataset:
+        """The train split with ``config``'s augmentation, indexed as ``train_split``'s images."""
+        return build_dataset(data, "train", model=self.backbone(), augment=config.augment())
 
     def loader(self, images: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
         """Batches of ``images`` for scoring and reporting."""
@@ -119,6 +129,15 @@ class SegmentTask(SearchTask):
     def calibration_data(self, images: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
         """The images alone: the calibration passes take the backbone's own predictions as their targets."""
         return _ImagesOnly(images)
+
+    def training_task(self) -> Task:
+        """Pixel cross-entropy and feature distillation, backbone and head trained (``SegmentationTask``)."""
+        return SegmentationTask(self.model.num_classes, size=self.size)
+
+    def training_images(self, data: str, config: TrainConfig) -> torch.utils.data.Dataset:
+        """The train split with the paired segmentation augmentation (scale, crop, flip)."""
+        return segmentation_split(data, "train", self.backbone(), self.size, train=True,
+                                  num_classes=self.model.num_classes)
 
     def loader(self, images: torch.utils.data.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
         """One image at a time: masks keep their own resolution, which may differ between images."""

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--methods", help="comma-separated methods to search (default: every training-free one)")
     auto.add_argument("--time-budget", type=float, help="seconds: when they are spent, patch no further candidate "
                                                         "and stop the successive halving")
+    auto.add_argument("--finetune-budget", type=int, metavar="STEPS",
+                      help="fine-tune the best --finetune-top candidates this many steps with distillation from the "
+                           "dense model (train images not held out), re-rank them, save the best")
+    auto.add_argument("--finetune-top", type=int, default=3, help="how many candidates to fine-tune (default 3)")
+    auto.add_argument("--finetune-batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
+    auto.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning peak lr (default 1e-4)")
     auto.add_argument("--eval-batch-size", type=int, default=64)
     auto.add_argument("--out", required=True, help="folder: model.safetensors, auto.md/json/png, the search record")
     auto.add_argument("--no-progress", action="store_true")
@@ -176,7 +182,8 @@ def _run_auto(args: argparse.Namespace) -> int:
                   precision=args.precision, holdout=args.holdout, calibration=args.calibration,
                   report_limit=args.limit, report_split=args.split,
                   methods=_method_list(args.methods) if args.methods else None, time_budget=args.time_budget,
-                  threads=args.threads, batch_size=args.eval_batch_size, progress=not args.no_progress,
+                  finetune_steps=args.finetune_budget, finetune_top=args.finetune_top,
+                  finetune_batch=args.finetune_batch_size, finetune_lr=args.finetune_lr, threads=args.threads, batch_size=args.eval_batch_size, progress=not args.no_progress,
                   command=_command(args))
     metric = result["metric"]
     print(f"chosen: {result['chosen']} ({result['method']} {result['options']}), {result['macs_ratio']:.3f} of the "

@@ -72,10 +72,16 @@ class ToMeOptions(MethodOptions):
     r: Any = dataclasses.field(default=0, metadata={
         "help": "merges per block: an int, a per-block list, or (r, inflection)",
         "source": "ToMe (Bolya et al., ICLR 2023) §3; 0 = no merging until a budget is given"})
+    inflection: float = dataclasses.field(default=0.0, metadata={
+        "help": "how macs= spreads its merges over the blocks: 0 evenly, -0.5 decreasing (more merges early), "
+                "0.5 increasing; ignored when r is given",
+        "source": "ToMe's (r, inflection) linear schedule, §4.1 (the budget search keeps its shape)"})
 
     def resolved(self, model: nn.Module) -> "ToMeOptions":
         """r as one int per block."""
-        return ToMeOptions(r=parse_r(self.r, len(family_of(model).blocks(model))))
+        if not -1.0 <= self.inflection <= 1.0:
+            raise VitslimError(f"ToMe inflection {self.inflection} is out of range: use a value in [-1, 1]")
+        return ToMeOptions(r=parse_r(self.r, len(family_of(model).blocks(model))), inflection=self.inflection)
 
 
 @register
@@ -102,11 +108,15 @@ class ToMe(Method):
     @classmethod
     def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
         # level = total merges asked for, spread over the blocks in proportion to the patches their stage
-        # starts with (a plain ViT: evenly), the remainder going to the earliest blocks
+        # starts with (a plain ViT: evenly) times the linear schedule of ``inflection``, the remainder
+        # going to the earliest blocks
         if "r" in options:
             raise VitslimError("give tome either r or macs=, not both")
-        weights = family_of(model).stage_patches(model)
+        inflection = float(options.get("inflection", 0.0))
+        patches = family_of(model).stage_patches(model)
+        depth = len(patches)
+        weights = [w * (1 - inflection + 2 * inflection * i / max(depth - 1, 1)) for i, w in enumerate(patches)]
         total = sum(weights)
-        r = [level * w // total for w in weights]
+        r = [int(level * w // total) for w in weights]
         rest = level - sum(r)
         return {"r": [v + (1 if i < rest else 0) for i, v in enumerate(r)], **options}
