@@ -352,5 +352,11 @@ def test_atme_macs_budget_points():
     for target in (0.5, 0.7):
         vitslim.patch(model, "atme", macs=target)
         assert abs(count_macs(model) / dense - target) <= 0.02 * target
+        # merges= shapes the schedule at the same budget: exactly two merges, so each one earlier
+        vitslim.patch(model, "atme", macs=target, merges=2)
+        assert len(parse_schedule(model.vitslim_config["options"]["schedule"], 12)) == 2
+        assert abs(count_macs(model) / dense - target) <= 0.02 * target
     with pytest.raises(vitslim.VitslimError, match="out of reach"):
         vitslim.patch(model, "atme", macs=0.05)
+    with pytest.raises(vitslim.VitslimError, match="merges=4 is out of range"):
+        vitslim.patch(model, "atme", macs=0.5, merges=4)

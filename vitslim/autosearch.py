@@ -53,6 +53,7 @@ from vitslim.families import family_of
 from vitslim.io import atomic_write, write_png
 from vitslim.measure.latency_budget import Runner, fit_latency, fit_speedup
 from vitslim.measure.macs import count_macs
+from vitslim.measure.speed import torch_threads
 from vitslim.methods.base import get_method
 from vitslim.patch import check_runs_on, patch, unpatch
 from vitslim.train.config import TrainConfig
@@ -86,6 +87,7 @@ def candidates(model: nn.Module, methods: list[str] | None = None) -> list[Candi
         Candidate("topk", "topk", {}),
         Candidate("topk early", "topk", {"locations": early}),
         Candidate("atme", "atme", {}),
+        Candidate("atme two merges", "atme", {"merges": 2}),  # fewer, earlier merges than the default's three
         Candidate("prune_merge", "prune_merge", {}),
         Candidate("prune_merge no prune", "prune_merge", {"prune_rate": 0.0}),
         Candidate("prune_merge calibrated", "prune_merge", {}, calibrated=True),  # the paper's scoring pass
@@ -384,9 +386,7 @@ def _finetune(task: SearchTask, data: str, dense: nn.Module, finalists: dict[str
     teacher = teacher_copy(dense)
     held_key, every = f"holdout_{task.metric}", str(len(held_out))
     tuned: dict[str, nn.Module] = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for name, backbone in finalists.items():
             entry = record["candidates"][name]
             if every not in entry["holdout_kl"]:  # a finalist out in an earlier rung: its before, on every image
@@ -404,8 +404,6 @@ def _finetune(task: SearchTask, data: str, dense: nn.Module, finalists: dict[str
                 quality, kl = _score(task, score_form(tuned[name]), held_out, dense_outputs, batch_size, threads)
                 scores[key] = {"holdout_kl": kl, held_key: quality}
                 save_record()
-    finally:
-        torch.set_num_threads(previous)
     forms = [(entry["finetuned"][key]["holdout_kl"] if trained else entry["holdout_kl"][every], _cost(entry),
               trained, name) for name, entry in ((n, record["candidates"][n]) for n in tuned)
              for trained in (False, True)]  # ties: the training-free form first
@@ -432,12 +430,8 @@ def _score_form(backend: str, precision: str, threads: int) -> Callable[[nn.Modu
 def _outputs(task: SearchTask, model: nn.Module, images: torch.utils.data.Dataset, batch_size: int,
              threads: int) -> tuple[torch.Tensor, float]:
     """``task.outputs`` with ``threads`` torch threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return task.outputs(model, images, batch_size)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _score(task: SearchTask, model: nn.Module, images: torch.utils.data.Dataset, dense_outputs: torch.Tensor,

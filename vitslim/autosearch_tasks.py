@@ -23,6 +23,7 @@ from vitslim.dense.metrics import ConfusionMatrix, evaluate_segmentation
 from vitslim.errors import VitslimError
 from vitslim.export.files import save
 from vitslim.measure.accuracy import evaluate
+from vitslim.measure.speed import torch_threads
 from vitslim.train.checkpoint import save_checkpoint
 from vitslim.train.config import TrainConfig
 from vitslim.train.segmentation import SegmentationTask
@@ -160,12 +161,8 @@ class SegmentTask(SearchTask):
         images = self._split(data, split)
         if limit:
             images = torch.utils.data.Subset(images, range(min(limit, len(images))))
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             scores = evaluate_segmentation(model, self.loader(images, batch_size), self.model.num_classes)
-        finally:
-            torch.set_num_threads(previous)
         return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "n": len(images)}
 
     def save(self, model: nn.Module, out: Path, record: dict[str, Any]) -> Path:

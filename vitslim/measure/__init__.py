@@ -11,7 +11,7 @@ from typing import Any
 _NAMES = {
     "count_macs": "macs", "analytic_macs": "macs", "throughput": "speed", "latency": "speed",
     "compare_speed": "speed", "ideal_model": "speed", "evaluate": "accuracy", "fit_latency": "latency_budget",
-    "fit_speedup": "latency_budget",
+    "fit_speedup": "latency_budget", "torch_threads": "speed",
 }
 __all__ = sorted(_NAMES)
 

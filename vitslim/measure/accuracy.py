@@ -7,18 +7,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitslim.measure.speed import torch_threads
+
 
 def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = True, desc: str = "eval",
              threads: int | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     """Top-1 and top-5 accuracy (fractions) and the number of images, in eval + inference mode."""
     was_training = model.training
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     model.eval()
     correct1 = correct5 = total = 0
     try:
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
                 if device is not None:
                     images, labels = images.to(device), labels.to(device)
@@ -30,7 +29,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = True, desc:
                 total += labels.shape[0]
     finally:
         model.train(was_training)
-        torch.set_num_threads(before)
     if total == 0:
         raise ValueError("the data loader gave no images")
     return {"top1": correct1 / total, "top5": correct5 / total, "n": total}

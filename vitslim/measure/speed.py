@@ -44,7 +44,9 @@ def tune_allocator() -> str:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[int]:
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Run the block with ``n`` torch threads (unchanged when ``n`` is falsy), restoring the count after;
+    yields the count in use."""
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -102,7 +104,7 @@ def compare_speed(models: dict[str, nn.Module], batch_size: int = 32, *,
     x = torch.randn(batch_size, *(input_size or default_input_size(first)))
     times: dict[str, list[float]] = {name: [] for name in models}
     modes = {name: m.training for name, m in models.items()}
-    with _threads(threads) as used, torch.inference_mode(), _autocast(precision):
+    with torch_threads(threads) as used, torch.inference_mode(), _autocast(precision):
         try:
             for m in models.values():
                 m.eval()

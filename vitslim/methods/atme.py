@@ -16,7 +16,8 @@ else here is ours (``docs/methods/atme.md``, "ATME-A"), chosen to satisfy that:
 
 Option ``schedule``: "3:W,7:H" (0-based block: axis; the default for 12 blocks), a list of
 (block, axis) pairs, or "" for none. ``macs=`` picks among the schedules of at most three merges
-(each along the grid's longer axis, W on ties), ordered by MACs: a discrete set of budget points.
+(each along the grid's longer axis, W on ties), ordered by MACs: a discrete set of budget points;
+option ``merges`` (1-3) keeps only the schedules of exactly that many merges (3: gentler steps, later).
 On a model with stages (PiT) each stage starts on its whole grid again, so the merges run within a
 stage (at most three in each) and the grid is restored before each pooling (``vitslim.families``).
 """
@@ -119,22 +120,24 @@ def block_macs(model: nn.Module, counts: list[tuple[int, int]]) -> float:
     return float(analytic_macs(model, counts, blocks_only=True))
 
 
-def schedule_family(model: nn.Module) -> list[str]:
-    """Budget points: schedules of up to MAX_AUTO_MERGES merges ordered by MACs (level 0 = none)."""
+def schedule_family(model: nn.Module, merges: int | None = None) -> list[str]:
+    """Budget points: schedules of up to MAX_AUTO_MERGES merges (exactly ``merges`` when given) ordered by
+    MACs (level 0 = none)."""
     family = family_of(model)
     depth = len(family.blocks(model))
     # the blocks' cost formula is fixed by its values at these token counts (linear and quadratic terms)
     key = (tuple(family.block_stages(model)), tuple(family.block_grids(model)), family.num_prefix(model),
            *(analytic_macs(model, [counts] * depth, blocks_only=True) for counts in ((1, 0), (2, 0), (0, 1))))
+    key = (*key, merges)
     if key not in _FAMILIES:
-        _FAMILIES[key] = _family(model)
+        _FAMILIES[key] = _family(model, merges)
     return list(_FAMILIES[key])
 
 
 _FAMILIES: dict[tuple, tuple[str, ...]] = {}
 
 
-def _family(model: nn.Module) -> tuple[str, ...]:
+def _family(model: nn.Module, merges: int | None) -> tuple[str, ...]:
     family = family_of(model)
     stages, starts = family.block_stages(model), family.block_grids(model)
     stage_blocks = [[b for b, s in enumerate(stages) if s == stage] for stage in dict.fromkeys(stages)]
@@ -157,6 +160,8 @@ def _family(model: nn.Module) -> tuple[str, ...]:
             break
         else:
             k = len(pairs)
+            if merges is not None and k not in (0, merges):
+                continue
             points.append((block_macs(model, token_counts(model, pairs)), k, format_schedule(pairs)))
     points.sort(key=lambda t: (-t[0], t[1]))  # most MACs first: level 0 = no merging
     family, last = [], None
@@ -269,13 +274,17 @@ class ATMEOptions(MethodOptions):
     schedule: Any = dataclasses.field(default=None, metadata={
         "help": "'BLOCK:AXIS,...' with AXIS W or H (0-based blocks); default 3:W,7:H scaled to the depth",
         "source": "ours (CAIT's abstract gives no schedule; docs/methods/atme.md)"})
+    merges: int | None = dataclasses.field(default=None, metadata={
+        "help": f"with macs=: only schedules of exactly this many merges (1-{MAX_AUTO_MERGES}); default any",
+        "source": "ours (the shape of the schedule at a budget: fewer, earlier or more, later merges)"})
 
     def resolved(self, model: nn.Module) -> "ATMEOptions":
         """The schedule in canonical form, checked against the model's grid."""
+        merges = _merges({"merges": self.merges})
         depth = len(family_of(model).blocks(model))
         pairs = parse_schedule(default_schedule(depth) if self.schedule is None else self.schedule, depth)
         check_schedule(model, pairs)
-        return ATMEOptions(schedule=format_schedule(pairs))
+        return ATMEOptions(schedule=format_schedule(pairs), merges=merges)
 
 
 @register
@@ -297,10 +306,24 @@ class ATME(Method):
 
     @classmethod
     def max_level(cls, model: nn.Module, **options: Any) -> int:
-        return len(schedule_family(model)) - 1
+        return len(schedule_family(model, _merges(options))) - 1
 
     @classmethod
     def options_for_level(cls, model: nn.Module, level: int, **options: Any) -> dict[str, Any]:
         if "schedule" in options:
             raise VitslimError("give atme either schedule or macs=, not both")
-        return {"schedule": schedule_family(model)[level], **options}
+        return {"schedule": schedule_family(model, _merges(options))[level], **options}
+
+
+def _merges(options: dict[str, Any]) -> int | None:
+    """The ``merges`` option checked before it shapes the budget points."""
+    merges = options.get("merges")
+    if merges is not None:
+        try:
+            merges = int(merges)
+        except (TypeError, ValueError):
+            raise VitslimError(f"ATME merges={merges!r} is not a whole number: use 1 to {MAX_AUTO_MERGES}") from None
+        if merges not in range(1, MAX_AUTO_MERGES + 1):
+            raise VitslimError(f"ATME merges={merges} is out of range: use 1 to {MAX_AUTO_MERGES} "
+                               "(or leave it out for any)")
+    return merges
