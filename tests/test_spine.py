@@ -263,3 +263,29 @@ def test_patching_keeps_the_models_train_or_eval_mode_in_its_reducers():
         assert torch.equal(model(x), model(x))  # no Gumbel noise: the same logits twice
     model = vitslim.patch(tiny_vit().train(), "spvit", keep_rate=0.7)
     assert all(m.training for m in model.vitslim_reducers.modules())
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.integers(0, 3), min_size=1, max_size=40), target=st.integers(-2, 60),
+       start=st.integers(-3, 45), closest=st.booleans())
+def test_the_budget_search_from_a_guess_finds_the_same_level(steps, target, start, closest):
+    """search_level(start=...) (steps out from a guess, for timed costs) gives the bisection's answer or the same
+    error, for any falling cost, target and guess; a guess at the answer costs at most three evaluations."""
+    from vitslim.budget import OutOfReach, search_level
+
+    costs = [sum(steps[i:]) for i in range(len(steps))]  # falls weakly with the level, plateaus included
+    max_level, wanted = len(costs) - 1, float(target)
+
+    def run(guess):
+        evaluated = []
+        try:
+            level = search_level(lambda lv: evaluated.append(lv) or costs[lv], wanted, max_level, closest=closest,
+                                 start=guess)
+        except OutOfReach:
+            level = "out of reach"
+        return level, len(set(evaluated))
+
+    answer, _ = run(None)
+    assert run(start)[0] == answer
+    if answer != "out of reach":
+        assert run(answer)[1] <= 3

@@ -171,6 +171,27 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     options = get_method(method).prepare(model, dict(options))
     if macs is None:
         return _attach(model, family, method, options, prop_attn)
+    target, level = _macs_level(model, family, method, macs, options, prop_attn)
+    _attach(model, family, method, get_method(method).options_for_level(model, level, **options), prop_attn)
+    model.vitslim_config["macs_target"] = target
+    return model
+
+
+def macs_level(model: nn.Module, method: str, macs: float, **options: Any) -> int:
+    """The budget level whose MACs are closest to ``macs`` x the dense model's (``model`` is left unpatched);
+    a first guess for budgets that are timed (``vitslim.measure.fit_speedup``)."""
+    family = family_of(model)
+    check_runs_on(get_method(method), family)
+    try:
+        return _macs_level(model, family, method, macs, get_method(method).prepare(model, dict(options)), None)[1]
+    finally:
+        unpatch(model)
+
+
+def _macs_level(model: nn.Module, family: Family, method: str, macs: Any, options: dict[str, Any],
+                prop_attn: bool | None) -> tuple[float, int]:
+    """(the checked target, the level of the one budget search over MACs); the model is left unpatched or
+    patched at some level it tried."""
     try:
         target = float(macs)
     except (TypeError, ValueError):
@@ -178,13 +199,12 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
     if not 0.0 < target <= 1.0:
         raise VitslimError(f"macs={macs} is out of range: give a fraction of the dense MACs in (0, 1]")
     method_cls = get_method(method)
-    base = dict(options)
-    method_cls(model, **method_cls.options_for_level(model, 0, **base))  # bad options fail before any change
+    method_cls(model, **method_cls.options_for_level(model, 0, **options))  # bad options fail before any change
     unpatch(model)
     dense = count_macs(model)
 
     def ratio(level: int) -> float:
-        level_options = method_cls.options_for_level(model, level, **base)
+        level_options = method_cls.options_for_level(model, level, **options)
         macs_level = method_cls.level_macs(model, level_options, dense)  # a formula, where the method has one
         if macs_level is None:
             _attach(model, family, method, level_options, prop_attn)
@@ -192,14 +212,11 @@ def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn
         return macs_level / dense
 
     try:
-        level = search_level(ratio, target, method_cls.max_level(model, **base), what=method, knob="macs",
-                             unit=" of the dense MACs")
+        return target, search_level(ratio, target, method_cls.max_level(model, **options), what=method,
+                                    knob="macs", unit=" of the dense MACs")
     except VitslimError:
         unpatch(model)
         raise
-    _attach(model, family, method, method_cls.options_for_level(model, level, **base), prop_attn)
-    model.vitslim_config["macs_target"] = target
-    return model
 
 
 def check_runs_on(method_cls: type, family: Family) -> None:

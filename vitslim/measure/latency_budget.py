@@ -7,27 +7,33 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from vitslim.budget import OutOfReach, search_level
+from vitslim.measure.macs import count_macs
 from vitslim.measure.speed import compare_speed, latency, paired_ratio
 from vitslim.methods.base import get_method
-from vitslim.patch import patch, unpatch
+from vitslim.patch import macs_level, patch, unpatch
 
 Runner = Optional[Callable[[nn.Module], nn.Module]]  # the form a model is timed in (e.g. a backend's); None: as it is
 
 
+Start = Optional[Callable[[Callable[[int], float]], Optional[int]]]  # given the measured cost per level: a first level
+
+
 def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[[nn.Module], float], target: float,
-         what: str, knob: str, unit: str = "") -> tuple[int, float]:
-    """The mildest level whose measured ``cost`` (falling with the level) is at most ``target``; the model is left
-    patched at that level, and the cost returned is the one the search measured there (not a second, noisier run)."""
+         what: str, knob: str, unit: str = "", start: Start = None) -> tuple[int, float]:
+    """The mildest level whose measured ``cost`` (falling with the level) is at most ``target``, searched out from
+    the level ``start`` picks when given (what it measures counts for the search); the model is left patched at
+    that level, and the cost returned is the one the search measured there (not a second, noisier run)."""
     method_cls = get_method(method)
     measured: dict[int, float] = {}
 
     def at(level: int) -> float:
-        patch(model, method, **method_cls.options_for_level(model, level, **options))
-        measured[level] = cost(model.eval())
+        if level not in measured:
+            patch(model, method, **method_cls.options_for_level(model, level, **options))
+            measured[level] = cost(model.eval())
         return measured[level]
 
     level = search_level(at, target, method_cls.max_level(model, **options), closest=False, what=what, knob=knob,
-                         unit=unit)
+                         unit=unit, start=start(at) if start else None)
     patch(model, method, **method_cls.options_for_level(model, level, **options))
     return level, measured[level]
 
@@ -52,9 +58,20 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
                 runs: int = 5, runner: Runner = None, **options: Any) -> dict[str, Any]:
     """Patch ``model`` in place at the mildest budget level whose throughput at ``batch_size`` here is at least
     ``speedup`` times the dense model's (paired timed rounds, ``vitslim.measure.compare_speed``; both models
-    as ``runner`` makes them when given)."""
+    as ``runner`` makes them when given). The search starts from MACs (counted, not timed): the level at
+    1/``speedup`` of the dense MACs is timed first, and the search starts where its measured speed per MACs
+    says the target is, so a method whose speed follows its MACs is timed at a few levels only."""
     run = runner or (lambda m: m)
-    dense = run(unpatch(copy.deepcopy(model)).eval())
+    plain = unpatch(copy.deepcopy(model)).eval()
+    dense = run(plain)
+
+    def start(at: Callable[[int], float]) -> int | None:
+        first = _macs_guess(plain, method, 1.0 / speedup, options)
+        if first is None:
+            return None
+        probe = patch(copy.deepcopy(plain), method, **get_method(method).options_for_level(plain, first, **options))
+        efficiency = count_macs(probe) / count_macs(plain) / at(first)  # speed-up x MACs ratio: 1 when ideal
+        return _macs_guess(plain, method, efficiency / speedup, options)
 
     def slowness(m: nn.Module) -> float:  # 1 / speed-up: falls as the level rises, as search_level wants
         timed = compare_speed({"dense": dense, "model": run(m)}, batch_size, runs=runs, threads=threads)
@@ -62,9 +79,19 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
 
     what = f"{method} (batch {batch_size}, {threads} threads)"
     try:
-        level, slow = _fit(model, method, options, slowness, 1.0 / speedup, what, "1/speedup")
+        level, slow = _fit(model, method, options, slowness, 1.0 / speedup, what, "1/speedup", start=start)
     except OutOfReach as exc:  # say it in speed-ups, not in the search's inverted cost
         raise OutOfReach(f"speedup={speedup:g} is out of reach for {what}: its strongest setting on this model "
                          f"gives {1 / exc.strongest:.2f}x", exc.strongest) from None
     return {"method": method, "target_speedup": speedup, "speedup": round(1.0 / slow, 3), "level": level,
             "options": model.vitslim_config["options"], "batch_size": batch_size, "threads": threads, "runs": runs}
+
+
+def _macs_guess(model: nn.Module, method: str, macs: float, options: dict[str, Any]) -> int | None:
+    """The level at ``macs`` x the dense MACs, where a timed search starts (None: search them all)."""
+    if not 0.0 < macs:
+        return None
+    try:
+        return macs_level(copy.deepcopy(model), method, min(macs, 1.0), **options)
+    except OutOfReach:  # not even the strongest level gets there: it is where to start
+        return get_method(method).max_level(model, **options)
