@@ -5,7 +5,8 @@
 
 OUT holds one `vitslim auto` folder per target (``macs=0.5``, ``speedup=1.5``, ...). The hand-chosen
 row for a MACs target is the committed table's best top-1 at that budget; for a speed-up target, the
-best top-1 among its rows measured at least that fast (batch-32 speed-up of that table's own run).
+best top-1 among its rows measured at least that fast (batch-32 speed-up of that table's own run,
+``--hand-speed`` names the column).
 For segmentation (``auto --task segment``) the metric is mIoU and ``--hand-metric`` names the hand
 table's mIoU column (e.g. ``miou_linear`` of ``segment_camvid.py``, run under the same head).
 """
@@ -21,9 +22,10 @@ import vitslim  # noqa: F401  (before timm)
 from vitslim.io import atomic_write
 
 
-def hand_choice(hand: dict, key: str, value: float, metric: str = "top1") -> dict | None:
-    """The committed table's best row by ``metric`` meeting the target (None if no row does)."""
-    rows = [r for r in hand["rows"][1:] if (r["budget"] == value if key == "macs" else r.get("speedup", 0) >= value)]
+def hand_choice(hand: dict, key: str, value: float, metric: str = "top1", speed: str = "speedup") -> dict | None:
+    """The committed table's best row by ``metric`` meeting the target (None if no row does); ``speed`` names its
+    speed-up column."""
+    rows = [r for r in hand["rows"][1:] if (r["budget"] == value if key == "macs" else r.get(speed, 0) >= value)]
     return max(rows, key=lambda r: r[metric]) if rows else None
 
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="auto")
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--hand-metric", default="top1", help="the hand table's column to choose by (default top1)")
+    parser.add_argument("--hand-speed", default="speedup",
+                        help="the hand table's speed-up column (default speedup; segment_camvid.py: speedup_batch32)")
     parser.add_argument("--command", help="the command to record (default: this script's own command line)")
     args = parser.parse_args(argv)
     hand = json.loads(Path(args.hand).read_text())
@@ -43,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         key, value = folder.name.split("=")
         row = {"target": folder.name, "hand": None}
-        choice = hand_choice(hand, key, float(value), args.hand_metric)
+        choice = hand_choice(hand, key, float(value), args.hand_metric, args.hand_speed)
         if choice is not None:
             row["hand"] = {"method": choice["method"], "budget": choice["budget"], args.hand_metric: choice[args.hand_metric],
-                           "speedup": choice.get("speedup"), "macs_ratio": choice.get("macs_ratio")}
+                           "speedup": choice.get(args.hand_speed), "macs_ratio": choice.get("macs_ratio")}
         report = folder / "auto.json"
         if not report.is_file():
             row["met"] = False

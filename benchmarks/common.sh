@@ -24,7 +24,7 @@ if [ -n "${VITSLIM_BENCH_SMOKE:-}" ] && [ "$VITSLIM_BENCH_SMOKE" != 0 ]; then
   SMOKE_CALIBRATE=(--iters 2 --batch-size 8 --limit 16 --threads 1)
   SMOKE_EVAL=(--limit 16 --threads 1)
   SMOKE_COMPARE=(--limit 16 --batch-size 2 --runs 5 --threads 1 --budgets 0.5)
-  SMOKE_AUTO=(--holdout 16 --limit 16 --batch-size 2 --runs 5 --threads 1)
+  SMOKE_AUTO=(--holdout 16 --limit 16 --batch-size 2 --runs 3 --threads 1)
   MODEL=$WORK/tiny-vit
   if [ ! -f "$MODEL/config.json" ]; then "$PYTHON" benchmarks/smoke.py "$MODEL" >/dev/null; fi
   if [ ! -d "${VITSLIM_DATA:-$SHARED/data}/cifar10" ]; then DATA=digits; fi

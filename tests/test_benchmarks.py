@@ -145,15 +145,18 @@ def test_auto_cifar10(smoke):
 
 
 def test_auto_camvid(smoke):
-    smoke("bash", "benchmarks/auto_camvid.sh")
+    smoke("bash", "benchmarks/auto_camvid.sh", TARGETS="macs=0.5 speedup=1.5")
     hand = smoke.report("auto_camvid_hand")["rows"]
     assert [r["method"] for r in hand] == ["dense", "tome", "atme"]  # under the head auto searched under
-    rows = smoke.report("auto_camvid")["rows"]
-    assert [r["target"] for r in rows] == ["macs=0.5", "macs=0.7"]
-    for row in rows:
-        target = float(row["target"][5:])
-        assert row["met"] and row["metric"] == "miou" and abs(row["macs_ratio"] - target) <= 0.02 * target
-        assert row["dense_miou"] == pytest.approx(hand[0]["miou_linear"], abs=1e-3)  # the same head and images
+    assert all(r["speedup_batch32"] > 0 for r in hand)  # a speed-up target: the hand rows are timed too
+    macs, speed = smoke.report("auto_camvid")["rows"]
+    assert (macs["target"], speed["target"]) == ("macs=0.5", "speedup=1.5")
+    assert macs["met"] and macs["metric"] == "miou" and abs(macs["macs_ratio"] - 0.5) <= 0.02 * 0.5
+    assert macs["dense_miou"] == pytest.approx(hand[0]["miou_linear"], abs=1e-3)  # the same head and images
+    if speed["met"]:  # timed on a busy machine: a tiny model may not reach 1.5x
+        assert speed["speedup"] >= 1.5 and speed["metric"] == "miou"
+    if speed["hand"] is not None:
+        assert speed["hand"]["speedup"] >= 1.5
 
 
 def test_long_finetune_resumes_and_marks_unfinished(smoke):
