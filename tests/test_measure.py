@@ -131,7 +131,7 @@ def test_bench_rejects_timing_it_cannot_measure_in_one_line(flag, value, message
 def test_a_speedup_search_starts_at_the_macs_guess_and_times_few_levels(monkeypatch):
     """fit_speedup times the level at 1/speedup of the MACs first and starts where the speed per MACs measured
     there puts the target: when speed follows MACs it times 3 of the 199 top-k levels (the bisection alone
-    times 10) and still picks the mildest level that meets the target."""
+    times 10) and picks a level that meets the target, within 1% of the MACs of the mildest one that does."""
     from vitslim.measure import latency_budget
     from vitslim.measure.macs import count_macs
 
@@ -147,7 +147,6 @@ def test_a_speedup_search_starts_at_the_macs_guess_and_times_few_levels(monkeypa
     monkeypatch.setattr(latency_budget, "compare_speed", fake_compare_speed)
     record = latency_budget.fit_speedup(model, 1.5, "topk")
     assert record["speedup"] >= 1.5 and len(timed) <= 3
-    stronger_not_needed = count_macs(model) / dense_macs
-    assert abs(stronger_not_needed - 0.95 / 1.5) < 0.02  # the mildest level that meets 1.5x under this speed
+    assert 0.95 / 1.5 - 0.015 < count_macs(model) / dense_macs <= 0.95 / 1.5  # 1.5x needs 0.633 of the MACs
     with pytest.raises(vitslim.VitslimError, match="speedup=1000 is out of reach"):
         latency_budget.fit_speedup(tiny_vit(depth=6), 1000, "topk")

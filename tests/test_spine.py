@@ -289,3 +289,23 @@ def test_the_budget_search_from_a_guess_finds_the_same_level(steps, target, star
     assert run(start)[0] == answer
     if answer != "out of reach":
         assert run(answer)[1] <= 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.integers(0, 3), min_size=1, max_size=60), target=st.integers(0, 90),
+       start=st.integers(0, 60), resolution=st.integers(1, 8))
+def test_a_coarse_budget_search_meets_the_target_within_its_resolution(steps, target, start, resolution):
+    """search_level(resolution=k) (a timed cost: single levels are below the noise) returns a level that meets the
+    target and is at most k - 1 levels stronger than the mildest that does, from any start."""
+    from vitslim.budget import OutOfReach, search_level
+
+    costs = [sum(steps[i:]) for i in range(len(steps))]
+    mildest = next((level for level, c in enumerate(costs) if c <= target), None)
+    for guess in (None, start):
+        try:
+            level = search_level(costs.__getitem__, target, len(costs) - 1, closest=False, start=guess,
+                                 resolution=resolution)
+        except OutOfReach:
+            assert mildest is None
+            continue
+        assert costs[level] <= target and mildest <= level <= mildest + resolution - 1

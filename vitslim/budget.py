@@ -26,14 +26,17 @@ class OutOfReach(VitslimError):
 
 
 def search_level(cost: Callable[[int], float], target: float, max_level: int, *, closest: bool = True,
-                 what: str = "this method", knob: str = "target", unit: str = "", start: int | None = None) -> int:
+                 what: str = "this method", knob: str = "target", unit: str = "", start: int | None = None,
+                 resolution: int = 1) -> int:
     """The budget level for ``target``, given a cost that falls (weakly) as the level rises.
 
     ``closest=True``: whichever of the two levels around the target is closer (MACs budgets);
     ``False``: the lowest level whose cost is at most the target (a latency that must be met).
     ``start``: a guessed level to search out from (the same answer, fewer evaluations when the guess
-    is close). Costs are computed once per level. Raises a VitslimError when even ``max_level`` is
-    too costly.
+    is close). ``resolution``: stop once the target lies within that many levels (for a cost measured
+    with noise, resolving single levels is meaningless): the level returned meets the target and is at
+    most ``resolution - 1`` levels stronger than the mildest that does. Costs are computed once per
+    level. Raises a VitslimError when even ``max_level`` is too costly.
     """
     costs: dict[int, float] = {}
 
@@ -56,12 +59,12 @@ def search_level(cost: Callable[[int], float], target: float, max_level: int, *,
         if at(lo) <= target:  # no reduction needed
             return lo
     else:
-        lo, hi = _bracket(at, target, min(max(start, 0), max_level), max_level)
+        lo, hi = _bracket(at, target, min(max(start, 0), max_level), max_level, max(1, resolution))
         if lo is None:  # even level 0 meets the target
             return 0
         if hi is None:
             return out_of_reach()
-    while hi - lo > 1:  # invariant: cost(lo) > target >= cost(hi), up to the first probe
+    while hi - lo > max(1, resolution):  # invariant: cost(lo) > target >= cost(hi), up to the first probe
         mid = (lo + hi) // 2
         if at(mid) > target:
             lo = mid
@@ -72,11 +75,10 @@ def search_level(cost: Callable[[int], float], target: float, max_level: int, *,
     return lo if abs(at(lo) - target) < abs(at(hi) - target) else hi
 
 
-def _bracket(at: Callable[[int], float], target: float, start: int,
-             max_level: int) -> tuple[int | None, int | None]:
-    """Levels (lo, hi) with cost(lo) > target >= cost(hi), found by steps of 1, 2, 4, ... out from ``start``;
-    lo is None when level 0 already meets the target, hi is None when not even ``max_level`` does."""
-    step = 1
+def _bracket(at: Callable[[int], float], target: float, start: int, max_level: int,
+             step: int) -> tuple[int | None, int | None]:
+    """Levels (lo, hi) with cost(lo) > target >= cost(hi), found by steps of ``step``, twice that, ... out from
+    ``start``; lo is None when level 0 already meets the target, hi is None when not even ``max_level`` does."""
     if at(start) > target:  # too costly: stronger levels
         lo = start
         while lo < max_level:

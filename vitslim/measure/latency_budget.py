@@ -15,7 +15,9 @@ from vitslim.patch import macs_level, patch, unpatch
 Runner = Optional[Callable[[nn.Module], nn.Module]]  # the form a model is timed in (e.g. a backend's); None: as it is
 
 
-Start = Optional[Callable[[Callable[[int], float]], Optional[int]]]  # given the measured cost per level: a first level
+# given the measured cost per level: (a first level, the search's resolution in levels), or None
+Start = Optional[Callable[[Callable[[int], float]], Optional[tuple[int, int]]]]
+MACS_RESOLUTION = 0.01  # a timed search resolves levels to 1% of the dense MACs: finer is below the timing noise
 
 
 def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[[nn.Module], float], target: float,
@@ -32,8 +34,9 @@ def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[
             measured[level] = cost(model.eval())
         return measured[level]
 
+    first, resolution = (start(at) if start else None) or (None, 1)
     level = search_level(at, target, method_cls.max_level(model, **options), closest=False, what=what, knob=knob,
-                         unit=unit, start=start(at) if start else None)
+                         unit=unit, start=first, resolution=resolution)
     patch(model, method, **method_cls.options_for_level(model, level, **options))
     return level, measured[level]
 
@@ -60,18 +63,29 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
     ``speedup`` times the dense model's (paired timed rounds, ``vitslim.measure.compare_speed``; both models
     as ``runner`` makes them when given). The search starts from MACs (counted, not timed): the level at
     1/``speedup`` of the dense MACs is timed first, and the search starts where its measured speed per MACs
-    says the target is, so a method whose speed follows its MACs is timed at a few levels only."""
+    says the target is, so a method whose speed follows its MACs is timed at a few levels only. Levels are
+    resolved to about 1% of the dense MACs (``MACS_RESOLUTION``): the setting found meets the target and is
+    at most that much stronger than the mildest that would."""
     run = runner or (lambda m: m)
     plain = unpatch(copy.deepcopy(model)).eval()
     dense = run(plain)
+    method_cls = get_method(method)
+    dense_macs = count_macs(plain)
 
-    def start(at: Callable[[int], float]) -> int | None:
+    def macs_at(level: int) -> float:
+        return count_macs(patch(copy.deepcopy(plain), method, **method_cls.options_for_level(plain, level, **options)))
+
+    def start(at: Callable[[int], float]) -> tuple[int, int] | None:
         first = _macs_guess(plain, method, 1.0 / speedup, options)
         if first is None:
             return None
-        probe = patch(copy.deepcopy(plain), method, **get_method(method).options_for_level(plain, first, **options))
-        efficiency = count_macs(probe) / count_macs(plain) / at(first)  # speed-up x MACs ratio: 1 when ideal
-        return _macs_guess(plain, method, efficiency / speedup, options)
+        first_macs = macs_at(first) / dense_macs
+        efficiency = first_macs / at(first)  # speed-up x MACs ratio: 1 when the speed follows the MACs exactly
+        guess = _macs_guess(plain, method, efficiency / speedup, options)
+        if guess == first:
+            return guess, 1
+        per_level = abs(macs_at(guess) / dense_macs - first_macs) / abs(guess - first)  # MACs ratio per level
+        return guess, max(1, int(MACS_RESOLUTION / per_level)) if per_level > 0 else 1
 
     def slowness(m: nn.Module) -> float:  # 1 / speed-up: falls as the level rises, as search_level wants
         timed = compare_speed({"dense": dense, "model": run(m)}, batch_size, runs=runs, threads=threads)
