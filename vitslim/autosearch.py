@@ -399,7 +399,7 @@ def _finetune(task: SearchTask, data: str, dense: nn.Module, finalists: dict[str
             fit(model, images, teacher=teacher, config=config, out_dir=folder, resume=resume_path("auto", folder),
                 progress=progress, run_record={"auto_candidate": name}, task=task.training_task())
             tuned[name] = model.eval()
-            scores = record["candidates"][name].setdefault("finetuned", {})
+            scores = entry.setdefault("finetuned", {})
             if key not in scores:
                 quality, kl = _score(task, score_form(tuned[name]), held_out, dense_outputs, batch_size, threads)
                 scores[key] = {"holdout_kl": kl, held_key: quality}

@@ -20,12 +20,17 @@ from vitslim.methods.base import AttnInfo, Method, MethodOptions, Reducer, regis
 from vitslim.tokens import TokenState, bipartite_matching, merge_matched
 
 
+def check_inflection(inflection: float) -> None:
+    """Raise a one-line VitslimError unless ToMe's schedule inflection is in [-1, 1]."""
+    if not -1.0 <= inflection <= 1.0:
+        raise VitslimError(f"ToMe inflection {inflection} is out of range: use a value in [-1, 1]")
+
+
 def parse_r(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
     """Per-block r from an int, a per-block list, or ToMe's (r, inflection) linear schedule."""
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
         base, inflect = r
-        if not -1.0 <= inflect <= 1.0:
-            raise VitslimError(f"ToMe inflection {inflect} is out of range: use a value in [-1, 1]")
+        check_inflection(inflect)
         first = int(base * (1 - inflect))
         last = 2 * base - first
         step = (last - first) / max(depth - 1, 1)
@@ -79,8 +84,7 @@ class ToMeOptions(MethodOptions):
 
     def resolved(self, model: nn.Module) -> "ToMeOptions":
         """r as one int per block."""
-        if not -1.0 <= self.inflection <= 1.0:
-            raise VitslimError(f"ToMe inflection {self.inflection} is out of range: use a value in [-1, 1]")
+        check_inflection(self.inflection)
         return ToMeOptions(r=parse_r(self.r, len(family_of(model).blocks(model))), inflection=self.inflection)
 
 
