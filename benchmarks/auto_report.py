@@ -9,6 +9,8 @@ best top-1 among its rows measured at least that fast (batch-32 speed-up of that
 ``--hand-speed`` names the column).
 For segmentation (``auto --task segment``) the metric is mIoU and ``--hand-metric`` names the hand
 table's mIoU column (e.g. ``miou_linear`` of ``segment_camvid.py``, run under the same head).
+A search run with ``--finetune-budget`` adds a table of its finalists: held-out KL and metric before and
+after fine-tuning, and which form was kept.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                        **{f"dense_{metric}": found[f"dense_{metric}"]},
                        report_images=found["report_images"], holdout_images=found["holdout_images"],
                        seconds=found["seconds"], command=found["command"],
-                       candidates=found["candidates"])  # every candidate's cost, held-out KL and top-1
+                       candidates=found["candidates"],  # every candidate's cost, held-out KL and top-1
+                       finetune=found.get("finetune"))
         rows.append(row)
     command = args.command or "python " + " ".join(shlex.quote(a) for a in ["benchmarks/auto_report.py",
                                                                               *(argv or sys.argv[1:])])
@@ -90,12 +93,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * met[0]['dense_' + metric]:.2f}); "
                   f"candidates ranked on {met[0]['holdout_images']} held-out train images.", "",
                   "Each target's command:", ""] + [f"    {r['command']}" for r in met]
+    lines += _finetune_lines([r for r in met if r.get("finetune")], named)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(results / f"{args.name}.json", json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     atomic_write(results / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _finetune_lines(rows: list[dict], named: str) -> list[str]:
+    """The finalists of each fine-tuning search: held-out KL and metric, training-free and fine-tuned."""
+    if not rows:
+        return []
+    lines = ["", "Fine-tuned finalists (held-out train images; the kept form is the one closest to the dense "
+             "model by KL, training-free forms included):", "",
+             f"| target | finalist | steps x batch | KL training-free | KL fine-tuned | {named} training-free | "
+             f"{named} fine-tuned | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ft, metric = r["finetune"], r["metric"]
+        steps, every = str(ft["steps"]), str(r["holdout_images"])
+        for name in ft["candidates"]:
+            entry = r["candidates"][name]
+            tuned = entry["finetuned"][steps]
+            chosen = f"yes ({ft['kept']})" if name == r["chosen"] else ""
+            lines.append(f"| {r['target']} | {name} | {ft['steps']} x {ft['batch_size']} | "
+                         f"{entry['holdout_kl'][every]:.4f} | {tuned['holdout_kl']:.4f} | "
+                         f"{100 * entry['holdout_' + metric][every]:.2f} | {100 * tuned['holdout_' + metric]:.2f} | "
+                         f"{chosen} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -144,6 +144,16 @@ def test_auto_cifar10(smoke):
         assert row["hand"]["method"] == "tome"  # the committed table's best at 0.5 and 0.7
 
 
+def test_auto_cifar10_finetune(smoke):
+    smoke("bash", "benchmarks/auto_cifar10.sh", FINETUNE="2", TARGETS="macs=0.5")
+    (row,) = smoke.report("auto_cifar10_finetune2")["rows"]
+    assert row["met"] and row["finetune"]["steps"] == 2 and row["chosen"] in row["finetune"]["candidates"]
+    assert all("2" in row["candidates"][name]["finetuned"] for name in row["finetune"]["candidates"])
+    table = (smoke.results / "auto_cifar10_finetune2.md").read_text()
+    assert "FINETUNE=2 TARGETS=\"macs=0.5\" bash benchmarks/auto_cifar10.sh" in table
+    assert table.count("| macs=0.5 |") == 1 + len(row["finetune"]["candidates"])  # the target, then each finalist
+
+
 def test_auto_camvid(smoke):
     smoke("bash", "benchmarks/auto_camvid.sh", TARGETS="macs=0.5 speedup=1.5")
     hand = smoke.report("auto_camvid_hand")["rows"]

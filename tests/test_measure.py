@@ -150,3 +150,24 @@ def test_a_speedup_search_starts_at_the_macs_guess_and_times_few_levels(monkeypa
     assert 0.95 / 1.5 - 0.015 < count_macs(model) / dense_macs <= 0.95 / 1.5  # 1.5x needs 0.633 of the MACs
     with pytest.raises(vitslim.VitslimError, match="speedup=1000 is out of reach"):
         latency_budget.fit_speedup(tiny_vit(depth=6), 1000, "topk")
+
+
+def test_a_latency_search_starts_at_the_macs_guess_too(monkeypatch):
+    """fit_latency times the dense model once and starts from MACs the same way: with a latency that is 1 ms
+    of overhead plus 9 ms x the MACs ratio, a 6 ms target (0.556 of the MACs) is found timing 4 models, the
+    dense one included, and the level meets it within 1% of the dense MACs."""
+    from vitslim.measure import latency_budget
+    from vitslim.measure.macs import count_macs
+
+    model = tiny_vit(depth=6)
+    dense_macs = count_macs(model)
+    timed = []
+
+    def fake_latency(m, runs, threads):
+        timed.append(count_macs(m) / dense_macs)
+        return {"median_ms": 1.0 + 9.0 * timed[-1]}
+
+    monkeypatch.setattr(latency_budget, "latency", fake_latency)
+    record = latency_budget.fit_latency(model, 6.0, "topk")
+    assert timed[0] == 1.0 and len(timed) <= 4 and record["latency_ms"] <= 6.0
+    assert 5 / 9 - 0.015 < count_macs(model) / dense_macs <= 5 / 9

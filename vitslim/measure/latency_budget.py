@@ -46,13 +46,20 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     """Patch ``model`` in place at the mildest budget level whose batch-1 latency here is at most ``latency_ms``.
 
     The one budget search (``vitslim.budget.search_level``) over the method's levels, each measured
-    with ``vitslim.measure.latency`` (on ``runner(model)`` when given: the form it is deployed in).
+    with ``vitslim.measure.latency`` (on ``runner(model)`` when given: the form it is deployed in). Like
+    ``fit_speedup`` it starts from MACs: the dense model is timed once, and the search starts from the level
+    at the target's share of the dense latency, corrected by the latency per MACs measured there.
     Returns the run record (what was asked, what was measured, the options chosen); the measurement
     is not part of the method's options, so a run can resume.
     """
     run = runner or (lambda m: m)
-    level, ms = _fit(model, method, options, lambda m: latency(run(m), runs=runs, threads=threads)["median_ms"],
-                     latency_ms, f"{method} (batch 1, {threads} threads)", "latency_ms", " ms")
+
+    def milliseconds(m: nn.Module) -> float:
+        return latency(run(m), runs=runs, threads=threads)["median_ms"]
+
+    dense_ms = milliseconds(unpatch(copy.deepcopy(model)).eval())
+    level, ms = _fit(model, method, options, milliseconds, latency_ms, f"{method} (batch 1, {threads} threads)",
+                     "latency_ms", " ms", start=_macs_start(model, method, options, latency_ms / dense_ms, dense_ms))
     return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "level": level,
             "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
 
@@ -69,23 +76,6 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
     run = runner or (lambda m: m)
     plain = unpatch(copy.deepcopy(model)).eval()
     dense = run(plain)
-    method_cls = get_method(method)
-    dense_macs = count_macs(plain)
-
-    def macs_at(level: int) -> float:
-        return count_macs(patch(copy.deepcopy(plain), method, **method_cls.options_for_level(plain, level, **options)))
-
-    def start(at: Callable[[int], float]) -> tuple[int, int] | None:
-        first = _macs_guess(plain, method, 1.0 / speedup, options)
-        if first is None:
-            return None
-        first_macs = macs_at(first) / dense_macs
-        efficiency = first_macs / at(first)  # speed-up x MACs ratio: 1 when the speed follows the MACs exactly
-        guess = _macs_guess(plain, method, efficiency / speedup, options)
-        if guess == first:
-            return guess, 1
-        per_level = abs(macs_at(guess) / dense_macs - first_macs) / abs(guess - first)  # MACs ratio per level
-        return guess, max(1, int(MACS_RESOLUTION / per_level)) if per_level > 0 else 1
 
     def slowness(m: nn.Module) -> float:  # 1 / speed-up: falls as the level rises, as search_level wants
         timed = compare_speed({"dense": dense, "model": run(m)}, batch_size, runs=runs, threads=threads)
@@ -93,12 +83,40 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
 
     what = f"{method} (batch {batch_size}, {threads} threads)"
     try:
-        level, slow = _fit(model, method, options, slowness, 1.0 / speedup, what, "1/speedup", start=start)
+        level, slow = _fit(model, method, options, slowness, 1.0 / speedup, what, "1/speedup",
+                           start=_macs_start(plain, method, options, 1.0 / speedup))
     except OutOfReach as exc:  # say it in speed-ups, not in the search's inverted cost
         raise OutOfReach(f"speedup={speedup:g} is out of reach for {what}: its strongest setting on this model "
                          f"gives {1 / exc.strongest:.2f}x", exc.strongest) from None
     return {"method": method, "target_speedup": speedup, "speedup": round(1.0 / slow, 3), "level": level,
             "options": model.vitslim_config["options"], "batch_size": batch_size, "threads": threads, "runs": runs}
+
+
+def _macs_start(model: nn.Module, method: str, options: dict[str, Any], macs: float, scale: float = 1.0) -> Start:
+    """Where a timed search starts (``_fit``'s ``start``) for a cost that roughly follows the MACs: the level at
+    ``macs`` x the dense MACs is timed first, and the search starts at the level where the cost per MACs
+    measured there puts the target (``macs`` x ``scale``, the cost of the dense model in the cost's unit), with
+    its resolution at ``MACS_RESOLUTION`` of the dense MACs."""
+    plain = unpatch(copy.deepcopy(model)).eval()
+    method_cls = get_method(method)
+    dense_macs = count_macs(plain)
+
+    def macs_at(level: int) -> float:
+        return count_macs(patch(copy.deepcopy(plain), method, **method_cls.options_for_level(plain, level, **options)))
+
+    def start(at: Callable[[int], float]) -> tuple[int, int] | None:
+        first = _macs_guess(plain, method, macs, options)
+        if first is None:
+            return None
+        first_macs = macs_at(first) / dense_macs
+        efficiency = first_macs * scale / at(first)  # MACs share per cost share: 1 when the cost follows the MACs
+        guess = _macs_guess(plain, method, efficiency * macs, options)
+        if guess == first:
+            return guess, 1
+        per_level = abs(macs_at(guess) / dense_macs - first_macs) / abs(guess - first)  # MACs ratio per level
+        return guess, max(1, int(MACS_RESOLUTION / per_level)) if per_level > 0 else 1
+
+    return start
 
 
 def _macs_guess(model: nn.Module, method: str, macs: float, options: dict[str, Any]) -> int | None:
