@@ -57,9 +57,10 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     def milliseconds(m: nn.Module) -> float:
         return latency(run(m), runs=runs, threads=threads)["median_ms"]
 
-    dense_ms = milliseconds(unpatch(copy.deepcopy(model)).eval())
+    plain = unpatch(copy.deepcopy(model)).eval()
+    dense_ms = milliseconds(plain)
     level, ms = _fit(model, method, options, milliseconds, latency_ms, f"{method} (batch 1, {threads} threads)",
-                     "latency_ms", " ms", start=_macs_start(model, method, options, latency_ms / dense_ms, dense_ms))
+                     "latency_ms", " ms", start=_macs_start(plain, method, options, latency_ms / dense_ms, dense_ms))
     return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "level": level,
             "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
 
@@ -92,12 +93,12 @@ def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: in
             "options": model.vitslim_config["options"], "batch_size": batch_size, "threads": threads, "runs": runs}
 
 
-def _macs_start(model: nn.Module, method: str, options: dict[str, Any], macs: float, scale: float = 1.0) -> Start:
+def _macs_start(plain: nn.Module, method: str, options: dict[str, Any], macs: float, scale: float = 1.0) -> Start:
     """Where a timed search starts (``_fit``'s ``start``) for a cost that roughly follows the MACs: the level at
     ``macs`` x the dense MACs is timed first, and the search starts at the level where the cost per MACs
     measured there puts the target (``macs`` x ``scale``, the cost of the dense model in the cost's unit), with
-    its resolution at ``MACS_RESOLUTION`` of the dense MACs."""
-    plain = unpatch(copy.deepcopy(model)).eval()
+    its resolution at ``MACS_RESOLUTION`` of the dense MACs. ``plain`` is the unpatched model (the caller's
+    copy, already made to time the dense model)."""
     method_cls = get_method(method)
     dense_macs = count_macs(plain)
 
