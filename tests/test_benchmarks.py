@@ -161,6 +161,7 @@ def test_auto_camvid(smoke):
     assert all(r["speedup_batch32"] > 0 for r in hand)  # a speed-up target: the hand rows are timed too
     macs, speed = smoke.report("auto_camvid")["rows"]
     assert (macs["target"], speed["target"]) == ("macs=0.5", "speedup=1.5")
+    assert smoke.report("auto_camvid")["command"] == 'TARGETS="macs=0.5 speedup=1.5" bash benchmarks/auto_camvid.sh'
     assert macs["met"] and macs["metric"] == "miou" and abs(macs["macs_ratio"] - 0.5) <= 0.02 * 0.5
     assert macs["dense_miou"] == pytest.approx(hand[0]["miou_linear"], abs=1e-3)  # the same head and images
     if speed["met"]:  # timed on a busy machine: a tiny model may not reach 1.5x
