@@ -170,4 +170,5 @@ def test_a_latency_search_starts_at_the_macs_guess_too(monkeypatch):
     monkeypatch.setattr(latency_budget, "latency", fake_latency)
     record = latency_budget.fit_latency(model, 6.0, "topk")
     assert timed[0] == 1.0 and len(timed) <= 4 and record["latency_ms"] <= 6.0
+    assert record["dense_ms"] == 10.0  # the dense model's latency, timed once, is kept beside the result
     assert 5 / 9 - 0.015 < count_macs(model) / dense_macs <= 5 / 9

@@ -49,8 +49,8 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     with ``vitslim.measure.latency`` (on ``runner(model)`` when given: the form it is deployed in). Like
     ``fit_speedup`` it starts from MACs: the dense model is timed once, and the search starts from the level
     at the target's share of the dense latency, corrected by the latency per MACs measured there.
-    Returns the run record (what was asked, what was measured, the options chosen); the measurement
-    is not part of the method's options, so a run can resume.
+    Returns the run record (what was asked, what was measured with the dense latency beside it, the options
+    chosen); the measurement is not part of the method's options, so a run can resume.
     """
     run = runner or (lambda m: m)
 
@@ -61,8 +61,8 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     dense_ms = milliseconds(plain)
     level, ms = _fit(model, method, options, milliseconds, latency_ms, f"{method} (batch 1, {threads} threads)",
                      "latency_ms", " ms", start=_macs_start(plain, method, options, latency_ms / dense_ms, dense_ms))
-    return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "level": level,
-            "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
+    return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "dense_ms": round(dense_ms, 3),
+            "level": level, "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
 
 
 def fit_speedup(model: nn.Module, speedup: float, method: str, *, batch_size: int = 32, threads: int = 2,
