@@ -8,21 +8,25 @@
 # and re-ranked), in their own folders: benchmarks/results/auto_cifar10_finetuneSTEPS.{md,json}, with a
 # table of the finalists before and after. TARGETS (space-separated) picks the targets.
 . "$(dirname "$0")/common.sh"
-COMMAND="bash benchmarks/auto_cifar10.sh"  # the one the report records, with the variables given
 NAME=auto_cifar10
 FINETUNE_ARGS=()
-if [ -n "${TARGETS:-}" ]; then COMMAND="TARGETS=\"$TARGETS\" $COMMAND"; fi
 if [ -n "${FINETUNE:-}" ]; then
   NAME=auto_cifar10_finetune$FINETUNE
   FINETUNE_ARGS=(--finetune-budget "$FINETUNE")
-  COMMAND="FINETUNE=$FINETUNE $COMMAND"
 fi
-TARGETS=${TARGETS:-macs=0.5 macs=0.7 speedup=1.5}
+DEFAULT_TARGETS="macs=0.5 macs=0.7 speedup=1.5"
+TARGETS=${TARGETS:-$DEFAULT_TARGETS}
 OUT=${OUT:-$WORK/$NAME}
 for target in $TARGETS; do
   vitslim auto --model "$MODEL" --data "$DATA" "--${target%%=*}" "${target#*=}" --holdout 1024 --batch-size 32 \
       --threads 2 --no-progress --out "$OUT/$target" "${FINETUNE_ARGS[@]}" "${SMOKE_AUTO[@]}" \
     || echo "auto_cifar10.sh: $target not met on this machine (see above)" >&2
 done
+# The report covers every target searched in $OUT (met or not, this run or an earlier one), so the command
+# it records names them all unless they are the default.
+REPORTED=$(for d in "$OUT"/*=*/; do if [ -d "$d" ]; then basename "$d"; fi; done | tr '\n' ' ')
+COMMAND="bash benchmarks/auto_cifar10.sh"
+if [ "${REPORTED% }" != "$DEFAULT_TARGETS" ]; then COMMAND="TARGETS=\"${REPORTED% }\" $COMMAND"; fi
+if [ -n "${FINETUNE:-}" ]; then COMMAND="FINETUNE=$FINETUNE $COMMAND"; fi
 "$PYTHON" benchmarks/auto_report.py "$OUT" --hand benchmarks/results/cifar10_training_free.json --name "$NAME" \
     --results "$RESULTS" --command "$COMMAND"
