@@ -139,6 +139,7 @@ def test_auto_cifar10(smoke):
     smoke("bash", "benchmarks/auto_cifar10.sh")
     rows = smoke.report("auto_cifar10")["rows"]
     assert [r["target"] for r in rows] == ["macs=0.5", "macs=0.7", "speedup=1.5"]
+    assert smoke.report("auto_cifar10")["command"] == "bash benchmarks/auto_cifar10.sh"  # the default targets
     for row in rows[:2]:  # MACs targets are always met; a speed-up may not be on a tiny model
         assert row["met"] and abs(row["macs_ratio"] - float(row["target"][5:])) <= 0.02 * float(row["target"][5:])
         assert row["hand"]["method"] == "tome"  # the committed table's best at 0.5 and 0.7
