@@ -30,10 +30,7 @@ for target in $TARGETS; do
       "${SMOKE_AUTO[@]}" \
     || echo "auto_camvid.sh: $target not met on this machine (see above)" >&2
 done
-# The report covers every target searched in $OUT (met or not), so its command names them all unless they are the default.
-REPORTED=$(for d in "$OUT"/*=*/; do if [ -d "$d" ]; then basename "$d"; fi; done | tr '\n' ' ')
-COMMAND="bash benchmarks/auto_camvid.sh"
-if [ "${REPORTED% }" != "macs=0.5 macs=0.7" ]; then COMMAND="TARGETS=\"${REPORTED% }\" $COMMAND"; fi
+COMMAND=$(targets_command benchmarks/auto_camvid.sh "$OUT" "macs=0.5 macs=0.7")
 "$PYTHON" benchmarks/auto_report.py "$OUT" --hand "$RESULTS/auto_camvid_hand.json" --hand-metric miou_linear \
     --hand-speed speedup_batch32 \
     --name auto_camvid --results "$RESULTS" --command "$COMMAND"

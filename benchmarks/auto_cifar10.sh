@@ -22,11 +22,7 @@ for target in $TARGETS; do
       --threads 2 --no-progress --out "$OUT/$target" "${FINETUNE_ARGS[@]}" "${SMOKE_AUTO[@]}" \
     || echo "auto_cifar10.sh: $target not met on this machine (see above)" >&2
 done
-# The report covers every target searched in $OUT (met or not, this run or an earlier one), so the command
-# it records names them all unless they are the default.
-REPORTED=$(for d in "$OUT"/*=*/; do if [ -d "$d" ]; then basename "$d"; fi; done | tr '\n' ' ')
-COMMAND="bash benchmarks/auto_cifar10.sh"
-if [ "${REPORTED% }" != "$DEFAULT_TARGETS" ]; then COMMAND="TARGETS=\"${REPORTED% }\" $COMMAND"; fi
+COMMAND=$(targets_command benchmarks/auto_cifar10.sh "$OUT" "$DEFAULT_TARGETS")
 if [ -n "${FINETUNE:-}" ]; then COMMAND="FINETUNE=$FINETUNE $COMMAND"; fi
 "$PYTHON" benchmarks/auto_report.py "$OUT" --hand benchmarks/results/cifar10_training_free.json --name "$NAME" \
     --results "$RESULTS" --command "$COMMAND"

@@ -13,6 +13,14 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/acti
 export HF_HUB_OFFLINE=1
 PYTHON=${PYTHON:-python}
 vitslim() { "$PYTHON" -m vitslim "$@"; }
+# The command an auto report records: `bash SCRIPT`, with TARGETS="..." naming every target folder in OUT (the
+# report covers them all, met or not, from this run or an earlier one) unless they are DEFAULT.
+targets_command() {  # SCRIPT OUT DEFAULT
+  local reported
+  reported=$(for d in "$2"/*=*/; do if [ -d "$d" ]; then basename "$d"; fi; done | tr '\n' ' ')
+  reported=${reported% }
+  if [ "$reported" = "$3" ]; then echo "bash $1"; else echo "TARGETS=\"$reported\" bash $1"; fi
+}
 SHARED=${VITSLIM_SHARED:-../shared}
 MODEL=$SHARED/models/cifar10-vit-d12w128
 DATA=cifar10
