@@ -5,9 +5,11 @@
 # the same seed, augmentation, lr schedule and budget for all; a dense run trained the same way is the
 # control. Top-1 on all 10,000 test images before training and after every epoch. Each run
 # checkpoints every 50 steps and the script resumes (--resume auto): rerun it after an interruption
-# and it continues where it stopped; the report marks unfinished runs. About 35-45 minutes a run on
-# 2 CPU cores. RUNS (space-separated) picks and orders the runs. Long runs share the CPU with
-# everything else: time no speed while one trains.
+# and it continues where it stopped; the report marks unfinished runs and keeps the rows an earlier
+# report finished (a new checkout has no run folders: the runs are not trained again). About 40-70
+# minutes a run on 2 CPU cores (ToMe about 40, the dense control about 70). RUNS (space-separated)
+# picks and orders the runs. Long runs share the CPU with everything else: time no speed while one
+# trains.
 # Result: benchmarks/results/long_finetune_cifar10-${EPOCHS}ep@${MACS}.{md,json,png}.
 . "$(dirname "$0")/common.sh"
 EPOCHS=${EPOCHS:-5}
@@ -20,12 +22,15 @@ COMMON=(--model "$MODEL" --data "$DATA" --epochs "$EPOCHS" --batch-size 128 --lr
         --seed 0 --eval-before --eval-every 1 --checkpoint-every 50 --resume auto --no-progress "${SMOKE_TRAIN[@]}")
 KD=(--kd-weight 0.5 --kd-mode convex)  # logit distillation from the dense model (DeiT-style)
 mkdir -p "$OUT"
+folder_of() { if [ "$1" = dense ]; then echo dense; else echo "$1@$MACS"; fi; }
 folders=()
+for run in $RUNS; do folders+=("$(folder_of "$run")"); done
+# the runs still to train: finished neither in OUT nor in the committed report (whose run folders a new
+# checkout or another machine does not have)
+pending=" $("$PYTHON" benchmarks/long_report.py "$OUT" "${folders[@]}" --name "$NAME" --results "$RESULTS" --pending | tr '\n' ' ') "
 for run in $RUNS; do
-  folder=$run@$MACS
-  [ "$run" = dense ] && folder=dense
-  folders+=("$folder")
-  if [ -f "$OUT/$folder/summary.json" ]; then continue; fi  # finished
+  folder=$(folder_of "$run")
+  case $pending in *" $folder "*) ;; *) continue ;; esac
   case $run in
     dense) args=("${KD[@]}") ;;
     tome|evit|topk|atme|cdcp) args=(--method "$run" --macs "$MACS" "${KD[@]}") ;;

@@ -38,6 +38,14 @@ def run_state(folder: pathlib.Path) -> dict[str, Any]:
             "command": record.get("command"), "method": record.get("method"), "macs": record.get("macs")}
 
 
+def earlier_finished(report: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """The finished rows of an earlier report, by run (none when there is no report yet)."""
+    if not report.is_file():
+        return {}
+    rows = [r for r in json.loads(report.read_text())["rows"] if r["status"] == "finished"]
+    return {r["run"]: {**r, "curve": {int(e): top1 for e, top1 in r["curve"].items()}} for r in rows}
+
+
 def deit_speedups(results: pathlib.Path, macs: float) -> dict[str, dict[str, Any]]:
     """Each method's measured DeiT-S batch-32 speed-up at ``macs`` from the committed speed tables."""
     found: dict[str, dict[str, Any]] = {}
@@ -57,10 +65,20 @@ def main() -> None:
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--speed-tables", type=pathlib.Path, default=pathlib.Path("benchmarks/results"),
                         help="where the DeiT-S speed tables are (default benchmarks/results)")
+    parser.add_argument("--pending", action="store_true",
+                        help="only print the runs still to train (finished neither in OUT nor in the earlier report)")
     args = parser.parse_args()
+    earlier = earlier_finished(args.results / f"{args.name}.json")
+    if args.pending:
+        print("\n".join(name for name in args.runs
+                        if run_state(args.out / name)["status"] != "finished" and name not in earlier))
+        return
     rows = []
     for name in args.runs:
         state = run_state(args.out / name)
+        if state["status"] == "not started" and name in earlier:
+            rows.append(earlier[name])
+            continue
         exported = args.out / name / "exported.json"
         state["top1_exported"] = json.loads(exported.read_text())["top1"] if exported.is_file() else None
         rows.append({"run": name, **state})

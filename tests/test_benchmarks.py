@@ -10,6 +10,7 @@ run in a second queue beside the fine-tuning scripts: two cores, two queues.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,11 @@ def test_long_finetune_resumes_and_marks_unfinished(smoke):
     smoke("bash", "benchmarks/long_finetune.sh", RUNS="dense tome cait")
     rows = smoke.report(name)["rows"]
     assert rows[1]["status"] == "finished" and rows[1]["curve"] == first["tome@0.5"]["curve"]
+    # a new checkout has the committed report but no run folders: nothing is trained again, the rows stay
+    shutil.rmtree(smoke.work / name / "dense")
+    smoke("bash", "benchmarks/long_finetune.sh", RUNS="dense tome cait")
+    assert not (smoke.work / name / "dense").exists()
+    assert smoke.report(name)["rows"][0] == first["dense"]
 
 
 def test_spvit_and_its_modes(smoke, sit_runs):
