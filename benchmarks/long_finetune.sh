@@ -14,7 +14,7 @@
 . "$(dirname "$0")/common.sh"
 EPOCHS=${EPOCHS:-5}
 MACS=${MACS:-0.5}
-RUNS=${RUNS:-dense tome evit prune_merge sit spvit cait}
+RUNS=${RUNS:-dense tome evit prune_merge sit spvit cait spvit_staged}
 NAME=long_finetune_cifar10-${EPOCHS}ep@$MACS
 OUT=${OUT:-$WORK/$NAME}
 COMMON=(--model "$MODEL" --data "$DATA" --epochs "$EPOCHS" --batch-size 128 --lr 2e-4 --warmup-epochs 0.05
@@ -43,6 +43,10 @@ for run in $RUNS; do
       args=(--method prune_merge --macs "$MACS" --option scores="$OUT/scores.safetensors" "${KD[@]}") ;;
     sit) args=(--method sit --macs "$MACS" --kd-weight 2 --kd-mode add --token-weight 2) ;;  # KD + FRD
     spvit) args=(--method spvit --macs "$MACS" --kd-weight 0.5 --kd-mode add --token-weight 0.5) ;;  # + ratio loss
+    spvit_staged)  # SPViT with its paper's staged rates (backbone frozen for the first epoch, then 1% of the lr;
+                   # cls/pos frozen): why SPViT does not learn under the shared schedule
+      args=(--method spvit --macs "$MACS" --kd-weight 0.5 --kd-mode add --token-weight 0.5
+            --freeze-backbone-epochs 1 --backbone-lr-scale 0.01 --freeze-tokens true) ;;
     *) echo "long_finetune.sh: unknown run '$run'" >&2; exit 2 ;;
   esac
   vitslim train "${COMMON[@]}" "${args[@]}" --out "$OUT/$folder"
