@@ -21,6 +21,7 @@ COMMON=(--model "$MODEL" --data "$DATA" --epochs "$EPOCHS" --batch-size 128 --lr
         --min-lr 1e-6 --weight-decay 0.05 --label-smoothing 0.1 --teacher dense --precision bf16 --threads 2
         --seed 0 --eval-before --eval-every 1 --checkpoint-every 50 --resume auto --no-progress "${SMOKE_TRAIN[@]}")
 KD=(--kd-weight 0.5 --kd-mode convex)  # logit distillation from the dense model (DeiT-style)
+SPVIT=(--method spvit --macs "$MACS" --kd-weight 0.5 --kd-mode add --token-weight 0.5)  # + its ratio loss
 mkdir -p "$OUT"
 folder_of() { if [ "$1" = dense ]; then echo dense; else echo "$1@$MACS"; fi; }
 folders=()
@@ -42,11 +43,10 @@ for run in $RUNS; do
       fi
       args=(--method prune_merge --macs "$MACS" --option scores="$OUT/scores.safetensors" "${KD[@]}") ;;
     sit) args=(--method sit --macs "$MACS" --kd-weight 2 --kd-mode add --token-weight 2) ;;  # KD + FRD
-    spvit) args=(--method spvit --macs "$MACS" --kd-weight 0.5 --kd-mode add --token-weight 0.5) ;;  # + ratio loss
+    spvit) args=("${SPVIT[@]}") ;;
     spvit_staged)  # SPViT with its paper's staged rates (backbone frozen for the first epoch, then 1% of the lr;
                    # cls/pos frozen): why SPViT does not learn under the shared schedule
-      args=(--method spvit --macs "$MACS" --kd-weight 0.5 --kd-mode add --token-weight 0.5
-            --freeze-backbone-epochs 1 --backbone-lr-scale 0.01 --freeze-tokens true) ;;
+      args=("${SPVIT[@]}" --freeze-backbone-epochs 1 --backbone-lr-scale 0.01 --freeze-tokens true) ;;
     *) echo "long_finetune.sh: unknown run '$run'" >&2; exit 2 ;;
   esac
   vitslim train "${COMMON[@]}" "${args[@]}" --out "$OUT/$folder"
