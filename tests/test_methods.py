@@ -139,3 +139,21 @@ def test_bad_options_with_a_budget_leave_a_patched_model_as_it_was():
     with pytest.raises(VitslimError, match="blocks are 0..3"):
         vitslim.patch(model, "evit", macs=0.5, locations=[9])
     assert vitslim.describe(model)["options"]["r"] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["spvit", "sit"])
+def test_new_modules_start_from_the_patch_seed_not_the_global_rng(method):
+    # the budget search attaches a varying number of times, so an unseeded init would differ run to run
+    def reducer_weights(seed, rng_before):
+        torch.manual_seed(rng_before)
+        model = vitslim.patch(tiny_vit(), method, macs=0.6, init_seed=seed)
+        after = torch.rand(1)  # the caller's stream continues as if patch had drawn nothing
+        torch.manual_seed(rng_before)
+        tiny_vit()
+        assert torch.equal(after, torch.rand(1))
+        return [p.detach().clone() for p in model.vitslim_reducers.parameters()]
+
+    same = [torch.equal(a, b) for a, b in zip(reducer_weights(0, 1), reducer_weights(0, 2))]
+    other = [torch.equal(a, b) for a, b in zip(reducer_weights(0, 1), reducer_weights(3, 1))]
+    assert same and all(same)
+    assert not all(other)

@@ -347,8 +347,10 @@ def _run_train(args: argparse.Namespace) -> int:
             record["latency"] = (saved.get("run_record") or {}).get("latency")
         else:
             record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads, **options)
+            cfg = model.vitslim_config  # the timed schedule, its new modules started again from --seed
+            patch(model, args.method, prop_attn=cfg["prop_attn"], init_seed=config.seed, **cfg["options"])
     else:
-        _patch_as_asked(model, args)
+        _patch_as_asked(model, args, init_seed=config.seed)
     if not wants_teacher(model, config, args.teacher):
         teacher = None
     record["teacher"] = "dense" if teacher is not None else None

@@ -136,12 +136,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            type=kind, metavar=metavar, help=f"(default {default})")
 
 
-def _patch_as_asked(model, args: argparse.Namespace) -> None:
-    """Patch ``model`` with --method (at --macs, with --option); refuse --macs/--option without a method."""
+def _patch_as_asked(model, args: argparse.Namespace, init_seed: int = 0) -> None:
+    """Patch ``model`` with --method (at --macs, with --option, new modules from ``init_seed``); refuse --macs/--option
+    without a method."""
     if args.method:
         from vitslim.patch import patch
 
-        patch(model, args.method, macs=args.macs, **_options_for(args.method, args.option))
+        patch(model, args.method, macs=args.macs, init_seed=init_seed, **_options_for(args.method, args.option))
     elif args.macs or args.option:
         raise VitslimError("--macs and --option need --method")
 

@@ -105,10 +105,11 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     backbone = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, img_size=args.size)
     teacher = teacher_copy(backbone)
-    _patch_as_asked(backbone, args)
+    _patch_as_asked(backbone, args, init_seed=config.seed)
     train_set = _folder(args, args.split, backbone, args.size, train=True)
     val_set = None if args.no_eval else _limited(_folder(args, args.val_split, backbone, args.size, train=False),
                                                  args.val_limit)
+    torch.manual_seed(config.seed)  # the new head's weights: one --seed, one starting model
     model = segmentation_model(backbone, args.head, train_set.num_classes, restore=args.restore)
     task = SegmentationTask(train_set.num_classes, size=args.size, freeze_backbone=args.freeze_backbone)
     if args.freeze_backbone or not wants_teacher(backbone, config, args.teacher):

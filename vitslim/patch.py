@@ -141,12 +141,17 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _attach(model: nn.Module, family: Family, method_name: str, options: dict[str, Any],
-            prop_attn: bool | None) -> nn.Module:
+            prop_attn: bool | None, init_seed: int = 0) -> nn.Module:
     method_cls = get_method(method_name)
-    method = method_cls(model, **options)
-    original = model.vitslim_config["original_class"] if is_patched(model) else type(model)
-    unpatch(model)
-    reducers = method.reducers()
+    # The method's new modules (selectors, slimming matrices) start from ``init_seed``, not from wherever the
+    # caller's RNG happens to be (a MACs budget search attaches a varying number of times), so one
+    # seed gives one starting model in every run and process; the caller's RNG stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        method = method_cls(model, **options)
+        original = model.vitslim_config["original_class"] if is_patched(model) else type(model)
+        unpatch(model)
+        reducers = method.reducers()
     model.vitslim_reducers = nn.ModuleDict({str(i): r for i, r in sorted(reducers.items())})
     model.vitslim_reducers.train(model.training)  # patching an eval model must not leave training-mode reducers
     model._vitslim_blocks = family.blocks(model)  # a plain list: not registered, the state dict is unchanged
@@ -164,15 +169,19 @@ def _attach(model: nn.Module, family: Family, method_name: str, options: dict[st
 
 
 def patch(model: nn.Module, method: str, *, macs: float | None = None, prop_attn: bool | None = None,
-          **options: Any) -> nn.Module:
-    """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs."""
+          init_seed: int = 0, **options: Any) -> nn.Module:
+    """Patch a timm ViT in place with a compression method; ``macs=f`` picks the schedule for f x dense MACs.
+
+    ``init_seed`` initialises the method's new trainable modules (SPViT's selectors, SiT's slimming matrices):
+    the same seed gives the same patched model whatever the global RNG holds, which it leaves untouched.
+    """
     family = family_of(model)  # a patched model still is its original class, blocks untouched
     check_runs_on(get_method(method), family)
     options = get_method(method).prepare(model, dict(options))
     if macs is None:
-        return _attach(model, family, method, options, prop_attn)
+        return _attach(model, family, method, options, prop_attn, init_seed)
     target, level = _macs_level(model, family, method, macs, options, prop_attn)
-    _attach(model, family, method, get_method(method).options_for_level(model, level, **options), prop_attn)
+    _attach(model, family, method, get_method(method).options_for_level(model, level, **options), prop_attn, init_seed)
     model.vitslim_config["macs_target"] = target
     return model
 
