@@ -34,7 +34,7 @@ import timm
 import torch
 from tqdm.auto import tqdm
 
-from vitslim.data import build_loader
+from vitslim.data import build_dataset, build_loader
 from vitslim.io import atomic_write
 from vitslim.methods.evit import AttentiveKeep
 from vitslim.methods.tome import ToMeMerge
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                          warmup_epochs=0.3, warmup_lr=1e-5, weight_decay=0.05, label_smoothing=0.1,
                          precision="bf16", seed=0)
     started = time.time()
-    train = build_loader(data, "train", model=model, limit=train_limit).dataset if train_limit else data
+    train = data
+    if train_limit:
+        train = build_dataset(data, "train", model=model, limit=train_limit, augment=config.augment())
     fit(model, train, val_data=None, config=config, out_dir=work, resume="auto", progress=not smoke.ENABLED)
     train_minutes = (time.time() - started) / 60
     loader = build_loader(data, "test", model=model, batch_size=256, limit=limit)

@@ -84,6 +84,17 @@ def test_digits_train_split_shifts_without_flipping():
         assert any(torch.allclose(augmented, c, atol=1e-5) for c in crops)
 
 
+def test_train_loader_augments_reproducibly_from_its_seed():
+    # calibration scores come from such a loader: the same seed must give the same crops, whatever the global RNG
+    def first_batch(seed, global_seed):
+        torch.manual_seed(global_seed)
+        loader = data.build_loader("digits", "train", batch_size=16, limit=32, seed=seed)
+        return next(iter(loader))[0]
+
+    assert torch.equal(first_batch(0, 1), first_batch(0, 2))
+    assert not torch.equal(first_batch(0, 1), first_batch(1, 1))
+
+
 def test_digits_for_an_rgb_model():
     model = tiny_vit(img_size=32)
     image, _ = data.build_dataset("digits", model=model)[0]

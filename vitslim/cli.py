@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--limit", type=int, help="use only this many images (evenly spread over classes)")
     calibrate.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     calibrate.add_argument("--iters", type=int, default=50, help="batches (default 50; the official pass: 250 of 256)")
-    calibrate.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the batch order and of the train split's augmentation")
     calibrate.add_argument("--macs", type=float, help="print the plan for this MACs budget")
     calibrate.add_argument("--option", type=_option, action="append", default=[],
                            help="prune_merge option for the printed plan, e.g. keep_rate=0.6 (repeatable)")

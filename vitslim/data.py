@@ -5,6 +5,7 @@ import csv
 import functools
 import os
 import pathlib
+import random
 from collections import defaultdict
 from typing import Sequence
 
@@ -180,11 +181,41 @@ def build_dataset(spec: str, split: str = "test", *, model: torch.nn.Module | No
     return ImageDataset(items, targets, classes, transform, IMAGE_MODES[cfg["input_size"][0]])
 
 
+class SeededAugment(torch.utils.data.Dataset):
+    """Wraps a dataset so each image's random augmentation depends only on (seed, epoch, index).
+
+    The global RNG states are saved and restored around the transform, so loading images never
+    moves the model's random streams (drop-path, Gumbel noise), whatever the worker count.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
 def build_loader(spec: str, split: str = "test", *, model: torch.nn.Module | None = None, batch_size: int = 64,
                  limit: int | None = None, num_workers: int = 0, shuffle: bool | None = None,
                  seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader over build_dataset(...); shuffles the train split by default, reproducibly from `seed`."""
+    """A DataLoader over build_dataset(...); shuffles the train split by default and augments it, both
+    reproducibly from `seed`."""
     dataset = build_dataset(spec, split, model=model, limit=limit)
+    if split == "train":  # its transform is random: without this, every pass would see other crops
+        dataset = SeededAugment(dataset, seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=split == "train" if shuffle is None else shuffle,
         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),

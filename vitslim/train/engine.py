@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitslim._version import __version__
+from vitslim.data import SeededAugment
 from vitslim.errors import VitslimError
 from vitslim.families import family_of
 from vitslim.train.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
@@ -78,33 +79,6 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 # --- data ------------------------------------------------------------------------------------------
-
-
-class SeededAugment(torch.utils.data.Dataset):
-    """Wraps a dataset so each image's random augmentation depends only on (seed, epoch, index).
-
-    The global RNG states are saved and restored around the transform, so loading images never
-    moves the model's random streams (drop-path, Gumbel noise), whatever the worker count.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
