@@ -14,7 +14,12 @@
 . "$(dirname "$0")/common.sh"
 EPOCHS=${EPOCHS:-5}
 MACS=${MACS:-0.5}
-RUNS=${RUNS:-dense tome evit prune_merge sit spvit cait spvit_staged}
+ALL_RUNS="dense tome evit prune_merge sit spvit cait spvit_staged"
+RUNS=${RUNS:-$ALL_RUNS}
+DRIVER="bash benchmarks/long_finetune.sh"  # as the report quotes it, with the settings that differ from the defaults
+if [ "$RUNS" != "$ALL_RUNS" ]; then DRIVER="RUNS=\"$RUNS\" $DRIVER"; fi
+if [ "$MACS" != 0.5 ]; then DRIVER="MACS=$MACS $DRIVER"; fi
+if [ "$EPOCHS" != 5 ]; then DRIVER="EPOCHS=$EPOCHS $DRIVER"; fi
 NAME=long_finetune_cifar10-${EPOCHS}ep@$MACS
 OUT=${OUT:-$WORK/$NAME}
 COMMON=(--model "$MODEL" --data "$DATA" --epochs "$EPOCHS" --batch-size 128 --lr 2e-4 --warmup-epochs 0.05
@@ -60,4 +65,4 @@ done
 if [ ${#exported[@]} -gt 0 ]; then
   "$PYTHON" benchmarks/cait_export_eval.py "$OUT" "${exported[@]}" --data "$DATA" "${SMOKE_EVAL[@]}"
 fi
-"$PYTHON" benchmarks/long_report.py "$OUT" "${folders[@]}" --name "$NAME" --results "$RESULTS"
+"$PYTHON" benchmarks/long_report.py "$OUT" "${folders[@]}" --name "$NAME" --results "$RESULTS" --driver "$DRIVER"

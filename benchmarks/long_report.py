@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--speed-tables", type=pathlib.Path, default=pathlib.Path("benchmarks/results"),
                         help="where the DeiT-S speed tables are (default benchmarks/results)")
+    parser.add_argument("--driver", default="bash benchmarks/long_finetune.sh",
+                        help="the command that trains and resumes these runs, as the report quotes it")
     parser.add_argument("--pending", action="store_true",
                         help="only print the runs still to train (finished neither in OUT nor in the earlier report)")
     args = parser.parse_args()
@@ -112,12 +114,12 @@ def main() -> None:
         speed = f"{r['deit_s_speedup_b32']:.2f}x" if r["deit_s_speedup_b32"] else "-"
         exported = f"{r['top1_exported']:.2%}" if r["top1_exported"] is not None else "-"
         lines.append("| " + " | ".join([r["run"], status, speed] + [cell(r, e) for e in epochs] + [exported]) + " |")
-    lines += ["", "Commands (one per run; rerun `bash benchmarks/long_finetune.sh` to resume all):", ""]
+    lines += ["", f"Commands (one per run; rerun `{args.driver}` to resume all):", ""]
     lines += [f"    {r['command']}" for r in rows if r["command"]] + [""]
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write(args.results / f"{args.name}.md", "\n".join(lines))
     atomic_write(args.results / f"{args.name}.json",
-                 json.dumps({"command": "bash benchmarks/long_finetune.sh", "rows": rows}, indent=2) + "\n")
+                 json.dumps({"command": args.driver, "rows": rows}, indent=2) + "\n")
     plot(rows, args.results / f"{args.name}.png", args.name)
     print("\n".join(lines))
 
