@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--limit", type=int, help="use only this many images (evenly spread over classes)")
     calibrate.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     calibrate.add_argument("--iters", type=int, default=50, help="batches (default 50; the official pass: 250 of 256)")
-    calibrate.add_argument("--seed", type=int, default=0, help="seed of the batch order and of the train split's augmentation")
+    calibrate.add_argument("--seed", type=int, default=0,
+                           help="seed of the batch order and of the train split's augmentation")
     calibrate.add_argument("--macs", type=float, help="print the plan for this MACs budget")
     calibrate.add_argument("--option", type=_option, action="append", default=[],
                            help="prune_merge option for the printed plan, e.g. keep_rate=0.6 (repeatable)")
@@ -346,9 +347,8 @@ def _run_train(args: argparse.Namespace) -> int:
             patch(model, saved.get("method") or args.method, **(saved.get("options") or {}))
             record["latency"] = (saved.get("run_record") or {}).get("latency")
         else:
-            record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads, **options)
-            cfg = model.vitslim_config  # the timed schedule, its new modules started again from --seed
-            patch(model, args.method, prop_attn=cfg["prop_attn"], init_seed=config.seed, **cfg["options"])
+            record["latency"] = fit_latency(model, args.latency_ms, args.method, threads=args.threads,
+                                            init_seed=config.seed, **options)
     else:
         _patch_as_asked(model, args, init_seed=config.seed)
     if not wants_teacher(model, config, args.teacher):

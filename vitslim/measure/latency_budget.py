@@ -21,10 +21,11 @@ MACS_RESOLUTION = 0.01  # a timed search resolves levels to 1% of the dense MACs
 
 
 def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[[nn.Module], float], target: float,
-         what: str, knob: str, unit: str = "", start: Start = None) -> tuple[int, float]:
+         what: str, knob: str, unit: str = "", start: Start = None, init_seed: int = 0) -> tuple[int, float]:
     """The mildest level whose measured ``cost`` (falling with the level) is at most ``target``, searched out from
     the level ``start`` picks when given (what it measures counts for the search); the model is left patched at
-    that level, and the cost returned is the one the search measured there (not a second, noisier run)."""
+    that level (its new modules from ``init_seed``), and the cost returned is the one the search measured there
+    (not a second, noisier run)."""
     method_cls = get_method(method)
     measured: dict[int, float] = {}
 
@@ -37,13 +38,14 @@ def _fit(model: nn.Module, method: str, options: dict[str, Any], cost: Callable[
     first, resolution = (start(at) if start else None) or (None, 1)
     level = search_level(at, target, method_cls.max_level(model, **options), closest=False, what=what, knob=knob,
                          unit=unit, start=first, resolution=resolution)
-    patch(model, method, **method_cls.options_for_level(model, level, **options))
+    patch(model, method, init_seed=init_seed, **method_cls.options_for_level(model, level, **options))
     return level, measured[level]
 
 
 def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, threads: int = 2, runs: int = 20,
-                runner: Runner = None, **options: Any) -> dict[str, Any]:
-    """Patch ``model`` in place at the mildest budget level whose batch-1 latency here is at most ``latency_ms``.
+                runner: Runner = None, init_seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Patch ``model`` in place at the mildest budget level whose batch-1 latency here is at most ``latency_ms``
+    (the method's new modules from ``init_seed``, as in ``patch``).
 
     The one budget search (``vitslim.budget.search_level``) over the method's levels, each measured
     with ``vitslim.measure.latency`` (on ``runner(model)`` when given: the form it is deployed in). Like
@@ -60,7 +62,8 @@ def fit_latency(model: nn.Module, latency_ms: float, method: str = "spvit", *, t
     plain = unpatch(copy.deepcopy(model)).eval()
     dense_ms = milliseconds(plain)
     level, ms = _fit(model, method, options, milliseconds, latency_ms, f"{method} (batch 1, {threads} threads)",
-                     "latency_ms", " ms", start=_macs_start(plain, method, options, latency_ms / dense_ms, dense_ms))
+                     "latency_ms", " ms", start=_macs_start(plain, method, options, latency_ms / dense_ms, dense_ms),
+                     init_seed=init_seed)
     return {"method": method, "target_ms": latency_ms, "latency_ms": round(ms, 3), "dense_ms": round(dense_ms, 3),
             "level": level, "options": model.vitslim_config["options"], "threads": threads, "runs": runs}
 
